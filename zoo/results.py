@@ -1,0 +1,94 @@
+"""Detections returned by `predict`, and their COCO-format export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+# The 80 COCO classes in Detectron2's contiguous order, with their COCO category ids.
+COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
+    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
+    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"),
+    (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"),
+    (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"), (32, "tie"),
+    (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"), (37, "sports ball"),
+    (38, "kite"), (39, "baseball bat"), (40, "baseball glove"), (41, "skateboard"),
+    (42, "surfboard"), (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"),
+    (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"),
+    (54, "sandwich"), (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"),
+    (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"), (63, "couch"), (64, "potted plant"),
+    (65, "bed"), (67, "dining table"), (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"),
+    (75, "remote"), (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"),
+    (80, "toaster"), (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"),
+    (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
+)
+COCO_CLASS_NAMES: tuple[str, ...] = tuple(n for _, n in COCO_CATEGORIES)
+COCO_CATEGORY_IDS: tuple[int, ...] = tuple(i for i, _ in COCO_CATEGORIES)
+
+
+@dataclass
+class Detections:
+    """Instances found in one image; boxes are XYXY in original-image pixels."""
+
+    boxes: torch.Tensor  # float [N, 4]
+    scores: torch.Tensor  # float [N]
+    labels: torch.Tensor  # int64 [N], contiguous 0..79
+    masks: Optional[torch.Tensor]  # bool [N, H, W], or None for detection models
+    image_size: tuple[int, int]  # (H, W) of the original image
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        """COCO class name of each instance."""
+        return [COCO_CLASS_NAMES[i] for i in self.labels.tolist()]
+
+    def to(self, device: torch.device | str) -> "Detections":
+        """A copy with every tensor on `device`."""
+        masks = None if self.masks is None else self.masks.to(device)
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), masks, self.image_size)
+
+    def filter(self, score_thresh: float) -> "Detections":
+        """Only instances scoring at least `score_thresh`."""
+        keep = self.scores >= score_thresh
+        masks = None if self.masks is None else self.masks[keep]
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], masks, self.image_size)
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results records: category ids mapped, XYWH boxes, RLE masks (needs pycocotools)."""
+        boxes = self.boxes.detach().float().cpu().numpy()
+        scores = self.scores.detach().float().cpu().tolist()
+        labels = self.labels.detach().cpu().tolist()
+        rles = _encode_masks(self.masks) if self.masks is not None else None
+        out = []
+        for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+            rec = {
+                "image_id": int(image_id),
+                "category_id": COCO_CATEGORY_IDS[labels[i]],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": scores[i],
+            }
+            if rles is not None:
+                rec["segmentation"] = rles[i]
+            out.append(rec)
+        return out
+
+
+def _encode_masks(masks: torch.Tensor) -> list[dict]:
+    try:
+        from pycocotools import mask as mask_util
+    except ImportError:  # pragma: no cover - depends on the environment
+        from .errors import ZooError
+
+        raise ZooError("mask export needs pycocotools: pip install 'detzoo[coco]'") from None
+    if masks.shape[0] == 0:
+        return []
+    arr = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    rles = mask_util.encode(arr)
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles

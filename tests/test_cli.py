@@ -1,0 +1,116 @@
+"""The `zoo` command, run as a real process."""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def zoo_cmd(*args, env=None, cwd=None):
+    e = dict(os.environ, **(env or {}))
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=120)
+
+
+def test_list_json_has_every_baseline_and_documented_keys():
+    r = zoo_cmd("list", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 19
+    keys = {"name", "task", "config", "lr_schedule", "train_time_s_per_iter", "inference_time_s_per_im",
+            "train_memory_gb", "box_ap", "mask_ap", "model_id", "checkpoint_url", "metrics_url", "sha256"}
+    for row in rows:
+        assert keys <= set(row)
+        assert (row["mask_ap"] is None) == (row["task"] == "detection")
+        assert row["sha256"] is None
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["mask_rcnn_R_50_FPN_3x"]["box_ap"] == 41.0
+    assert by_name["mask_rcnn_R_50_FPN_3x"]["mask_ap"] == 37.2
+
+
+def test_list_task_filter_and_sort():
+    r = zoo_cmd("list", "--task", "detection", "--sort", "box_ap", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 10 and all(x["task"] == "detection" for x in rows)
+    aps = [float(x["box_ap"]) for x in rows]
+    assert aps == sorted(aps) and aps[-1] == 43.0
+
+
+def test_list_table_is_readable():
+    r = zoo_cmd("list", "--task", "instance_segmentation")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["name", "lr", "sched"]
+    assert len(lines) == 2 + 9
+    assert max(len(x) for x in lines) < 120
+    assert any(x.startswith("mask_rcnn_R_50_FPN_3x") and "37.2" in x and "137849600" in x for x in lines)
+
+
+def test_show():
+    r = zoo_cmd("show", "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "ResNeXt-101 32x8d-FPN" in r.stdout and "139173657" in r.stdout and "43.0" in r.stdout
+    j = json.loads(zoo_cmd("show", "mask_rcnn_R_50_C4_1x", "--format", "json").stdout)
+    assert j["architecture"]["roi_heads"]["name"] == "Res5ROIHeads"
+
+
+def test_unknown_model_is_one_line_error():
+    r = zoo_cmd("show", "mask_rcnn_R_50_FPN_3")
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0
+    assert "did you mean mask_rcnn_R_50_FPN_3x" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_manifest_path_is_one_line_error(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    r = zoo_cmd("list", env={"ZOO_MANIFEST_PATH": str(tmp_path)})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert str(tmp_path / "x.json") in r.stderr
+
+
+def test_readme_table_is_generated_from_manifests():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_readme_table
+    finally:
+        sys.path.pop(0)
+    readme = (ROOT / "README.md").read_text()
+    assert gen_readme_table.table() in readme, "run python scripts/gen_readme_table.py"
+
+
+@pytest.mark.timeout(600)
+def test_wheel_ships_manifests(tmp_path):
+    """Build the wheel, install it into a throwaway venv, run `zoo list` from elsewhere."""
+    dist = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    wheel = next(dist.glob("detzoo-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    # Install just the wheel; its dependencies come from the test environment's site-packages.
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--prefix", str(venv), "-q", str(wheel)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import pydantic
+
+    deps = str(Path(pydantic.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ZOO_MANIFEST_PATH")}
+    env["PYTHONPATH"] = deps
+    out = tmp_path / "run"
+    out.mkdir()
+    script = venv / "bin" / "zoo"
+    r = subprocess.run([str(py), str(script), "list", "--format", "json"], capture_output=True, text=True, env=env, cwd=out)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == 19
+    where = subprocess.run([str(py), "-c", "import zoo, zoo.registry as r; print(zoo.__file__); print(r._builtin_dir())"],
+                           capture_output=True, text=True, env=env, cwd=out).stdout.split()
+    assert where[0].startswith(str(venv)) and where[1].endswith("_manifests"), where

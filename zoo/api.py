@@ -1,0 +1,53 @@
+"""`zoo.get`: the one place where a manifest, its network and its weights meet."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import InputError
+from .registry import get_manifest
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """Turn 'auto' / 'cpu' / 'cuda[:N]' into a usable torch.device, or explain why not."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def get(
+    name: str,
+    pretrained: bool = True,
+    *,
+    weights: Union[str, os.PathLike, None] = None,
+    device: Union[str, torch.device, None] = "cpu",
+    quiet: Optional[bool] = None,
+) -> torch.nn.Module:
+    """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights)."""
+    from .hub import fetch, load_checkpoint
+    from .modeling import build_model, load_weights
+
+    manifest = get_manifest(name)
+    dev = resolve_device(device)
+    model = build_model(manifest.architecture)
+    model.manifest = manifest
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise InputError(f"weights file {path} does not exist; pass the path of a .pkl or .pth checkpoint")
+        load_weights(model, load_checkpoint(path))
+    elif pretrained:
+        ck = manifest.checkpoint
+        load_weights(model, load_checkpoint(fetch(ck.url, sha256=ck.sha256, quiet=quiet)))
+    return model.to(dev).eval()

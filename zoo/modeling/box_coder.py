@@ -1,0 +1,56 @@
+"""Box2BoxTransform decoding and the Boxes helpers (clip, nonempty, area) Detectron2 uses at test time."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Detectron2 caps dw/dh so exp() cannot blow up on wild predictions
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+class Box2BoxTransform:
+    """Decodes (dx, dy, dw, dh) deltas, divided by `weights`, relative to XYXY reference boxes."""
+
+    def __init__(self, weights: tuple[float, float, float, float],
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> None:
+        self.weights = tuple(float(w) for w in weights)
+        self.scale_clamp = scale_clamp
+
+    def apply_deltas(self, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """deltas [N, k*4], boxes [N, 4] -> decoded boxes [N, k*4]."""
+        deltas = deltas.float()
+        boxes = boxes.to(deltas.dtype)
+        widths = boxes[:, 2] - boxes[:, 0]
+        heights = boxes[:, 3] - boxes[:, 1]
+        ctr_x = boxes[:, 0] + 0.5 * widths
+        ctr_y = boxes[:, 1] + 0.5 * heights
+        wx, wy, ww, wh = self.weights
+        dx = deltas[:, 0::4] / wx
+        dy = deltas[:, 1::4] / wy
+        dw = torch.clamp(deltas[:, 2::4] / ww, max=self.scale_clamp)
+        dh = torch.clamp(deltas[:, 3::4] / wh, max=self.scale_clamp)
+        pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+        pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+        pred_w = torch.exp(dw) * widths[:, None]
+        pred_h = torch.exp(dh) * heights[:, None]
+        x1 = pred_ctr_x - 0.5 * pred_w
+        y1 = pred_ctr_y - 0.5 * pred_h
+        x2 = pred_ctr_x + 0.5 * pred_w
+        y2 = pred_ctr_y + 0.5 * pred_h
+        return torch.stack((x1, y1, x2, y2), dim=-1).reshape(deltas.shape)
+
+
+def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Clamp XYXY boxes (last dim 4) into [0, w] x [0, h]; returns a new tensor."""
+    h, w = image_size
+    x1 = boxes[..., 0].clamp(min=0, max=w)
+    y1 = boxes[..., 1].clamp(min=0, max=h)
+    x2 = boxes[..., 2].clamp(min=0, max=w)
+    y2 = boxes[..., 3].clamp(min=0, max=h)
+    return torch.stack((x1, y1, x2, y2), dim=-1)
+
+
+def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Mask of boxes whose width and height are both strictly greater than threshold."""
+    return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)

@@ -1,0 +1,135 @@
+"""GeneralizedRCNN: preprocessing, backbone, RPN, ROI heads and postprocessing, plus `predict`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..manifest import Architecture
+from .backbone import build_backbone
+from .mask_paste import detector_postprocess
+from .roi_heads import RawInstances, build_roi_heads
+from .rpn import RPN, Proposals
+from .transforms import normalize_and_pad, resize_uint8, resized_size, to_rgb_array
+
+
+@dataclass
+class ImageBatch:
+    """A preprocessed batch: normalised, zero-padded images plus the sizes needed to undo resizing."""
+
+    tensor: torch.Tensor  # [N, 3, H, W] float32
+    image_sizes: list[tuple[int, int]]  # resized, unpadded (h, w)
+    original_sizes: list[tuple[int, int]]  # (h, w) of the inputs
+
+
+@dataclass
+class Trace:
+    """Intermediate results of one forward pass, for parity checks and debugging."""
+
+    batch: ImageBatch
+    features: dict[str, torch.Tensor]
+    proposals: list[Proposals]
+    instances: list[RawInstances]
+    detections: list[Any] = field(default_factory=list)
+
+
+class GeneralizedRCNN(nn.Module):
+    """Faster / Mask R-CNN with Detectron2's module tree (so its state_dict keys load as they are)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        inp = arch.input
+        self.backbone = build_backbone(arch)
+        shape = self.backbone.output_shape()
+        self.proposal_generator = RPN(arch.rpn, shape)
+        self.roi_heads = build_roi_heads(arch, shape)
+        # not persistent: Detectron2's checkpoints do not carry them
+        self.register_buffer("pixel_mean", torch.tensor(inp.pixel_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(inp.pixel_std, dtype=torch.float32), persistent=False)
+        self.input_format = inp.format
+        self.min_size_test = inp.min_size_test
+        self.max_size_test = inp.max_size_test
+        self.size_divisibility = inp.size_divisibility
+        self.mask_threshold = arch.roi_heads.mask_head.mask_threshold if arch.roi_heads.mask_head else 0.5
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, images: Sequence[Any]) -> ImageBatch:
+        """Images (paths, PIL images, HxWx3 uint8 RGB arrays) -> normalised, padded batch on the model's device."""
+        tensors, sizes, orig = [], [], []
+        for im in images:
+            rgb = to_rgb_array(im)
+            h, w = rgb.shape[:2]
+            new = resized_size(h, w, self.min_size_test, self.max_size_test)
+            arr = resize_uint8(rgb, new)
+            if self.input_format == "BGR":
+                arr = arr[:, :, ::-1]
+            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            tensors.append(t.to(self.device, non_blocking=True))
+            sizes.append(new)
+            orig.append((h, w))
+        batch = normalize_and_pad(tensors, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        return ImageBatch(batch, sizes, orig)
+
+    # ------------------------------------------------------------------ network
+    def forward(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[RawInstances]:
+        """Run the network on a preprocessed batch; detections are in resized-image pixels."""
+        return self.run(images, image_sizes).instances
+
+    def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> Trace:
+        """Forward pass that also returns the backbone features and the proposals."""
+        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        features = self.backbone(images)
+        proposals = self.proposal_generator(features, image_sizes)
+        instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
+        return Trace(ImageBatch(images, list(image_sizes), list(image_sizes)), features, proposals, instances)
+
+    def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:
+        """Detections in original-image pixels (boxes rescaled and clipped, masks pasted)."""
+        from ..results import Detections
+
+        out = []
+        for inst, rs, os_ in zip(instances, batch.image_sizes, batch.original_sizes):
+            boxes, scores, classes, masks = detector_postprocess(
+                inst.boxes, inst.scores, inst.classes, inst.mask_probs, rs, os_, self.mask_threshold)
+            out.append(Detections(boxes=boxes, scores=scores, labels=classes.to(torch.int64), masks=masks,
+                                  image_size=(int(os_[0]), int(os_[1]))))
+        return out
+
+    def trace(self, image: Any) -> Trace:
+        """Everything `predict` computes for images, with the intermediates (sizes, features, proposals)."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        with torch.inference_mode():
+            batch = self.preprocess(images)
+            tr = self.run(batch.tensor, batch.image_sizes)
+            tr.batch = batch
+            tr.detections = self.postprocess(tr.instances, batch)
+        return tr
+
+    def predict(self, image: Any) -> Any:
+        """Detect objects: one image -> Detections; a list of images -> list of Detections."""
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        if not images:
+            raise InputError("predict got an empty list; pass an image or a non-empty list of images")
+        if self.training:
+            self.eval()
+        with torch.inference_mode():
+            batch = self.preprocess(images)
+            dets = self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
+        return dets[0] if single else dets
+
+
+def build_model(arch: Architecture) -> GeneralizedRCNN:
+    """The network for a manifest's architecture, in eval mode, randomly initialised."""
+    return GeneralizedRCNN(arch).eval()

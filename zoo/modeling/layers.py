@@ -1,0 +1,89 @@
+"""Small building blocks shared by the backbone and heads: FrozenBatchNorm and a conv that owns its norm."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine terms, all stored as buffers (Detectron2 layout)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, shift) so that y = x * scale + shift."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the frozen affine transform."""
+        scale, shift = self.scale_shift()
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, t.device, t.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with an optional FrozenBatchNorm child named `norm`.
+
+    At inference the norm is folded into a cached copy of the conv weight and bias; the
+    parameters and buffers (and so the state_dict) stay exactly as in Detectron2.
+    """
+
+    def __init__(self, *args, norm: Optional[FrozenBatchNorm2d] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self._fold_key: Optional[tuple] = None
+        self._folded: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    def _folded_params(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        norm = self.norm
+        assert norm is not None
+        key = (
+            _tensor_key(self.weight),
+            None if self.bias is None else _tensor_key(self.bias),
+            tuple(_tensor_key(b) for b in (norm.weight, norm.bias, norm.running_mean, norm.running_var)),
+            torch.is_inference_mode_enabled(),
+        )
+        if key != self._fold_key:
+            with torch.no_grad():
+                scale, shift = norm.scale_shift()
+                w = self.weight.detach() * scale.view(-1, 1, 1, 1)
+                b = shift if self.bias is None else self.bias.detach() * scale + shift
+                # keep the memory format the conv would use (channels_last models stay fast)
+                if self.weight.is_contiguous(memory_format=torch.channels_last):
+                    w = w.contiguous(memory_format=torch.channels_last)
+                self._folded = (w, b)
+                self._fold_key = key
+        assert self._folded is not None
+        return self._folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution followed by the (folded) frozen norm."""
+        if self.norm is None:
+            return super().forward(x)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return self.norm(self._conv_forward(x, self.weight, self.bias))
+        w, b = self._folded_params()
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _apply(self, fn, recurse: bool = True):  # drop the cache when moved or cast
+        self._fold_key = None
+        self._folded = None
+        return super()._apply(fn, recurse)

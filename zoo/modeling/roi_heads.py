@@ -1,0 +1,181 @@
+"""ROI heads at test time: StandardROIHeads (DC5/FPN) and Res5ROIHeads (C4), with the mask branch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..manifest import Architecture, PoolerSpec
+from .backbone import make_stage, res5_stage_args
+from .box_coder import Box2BoxTransform, clip_boxes
+from .heads import FastRCNNConvFCHead, FastRCNNOutputLayers, MaskRCNNConvUpsampleHead, mask_probs
+
+
+@dataclass
+class RawInstances:
+    """Detections for one image in resized-image pixels, before postprocessing."""
+
+    boxes: torch.Tensor  # [D, 4]
+    scores: torch.Tensor  # [D]
+    classes: torch.Tensor  # [D] int64
+    mask_probs: Optional[torch.Tensor] = None  # [D, M, M] in [0, 1]
+
+
+class ROIPooler(nn.Module):
+    """ROIAlign (aligned) over one or several levels via zoo.ops; output in box order."""
+
+    def __init__(self, spec: PoolerSpec, scales: Sequence[float]) -> None:
+        super().__init__()
+        if spec.type != "ROIAlignV2":
+            raise ValueError(f"unsupported pooler type {spec.type!r}")
+        self.output_size = spec.resolution
+        self.sampling_ratio = spec.sampling_ratio
+        self.scales = [float(s) for s in scales]
+
+    def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        """features: per level [N, C, H, W]; boxes: per image [Ri, 4] -> [sum Ri, C, S, S]."""
+        from .. import ops
+
+        if len(self.scales) == 1:
+            return ops.roi_align(features[0], boxes, self.output_size, self.scales[0], self.sampling_ratio, True)
+        return ops.multilevel_roi_align(features, boxes, self.output_size, self.scales, self.sampling_ratio,
+                                        aligned=True)
+
+
+def fast_rcnn_inference_single_image(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int],
+                                     score_thresh: float, nms_thresh: float, topk: int) -> RawInstances:
+    """Detectron2's per-image inference: drop background, clip, threshold, per-class NMS, top-k by score."""
+    from .. import ops
+
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+    if not bool(valid.all()):
+        boxes, scores = boxes[valid], scores[valid]
+    scores = scores[:, :-1]
+    num_reg = boxes.shape[1] // 4
+    boxes = clip_boxes(boxes.reshape(-1, 4), image_size).view(-1, num_reg, 4)
+    mask = scores > score_thresh  # strict, as in Detectron2
+    inds = mask.nonzero()  # (proposal, class), row-major
+    boxes = boxes[inds[:, 0], 0] if num_reg == 1 else boxes[mask]
+    scores = scores[mask]
+    keep = ops.batched_nms(boxes, scores, inds[:, 1], nms_thresh)
+    if topk >= 0:
+        keep = keep[:topk]
+    return RawInstances(boxes[keep], scores[keep], inds[keep, 1])
+
+
+class _ROIHeadsBase(nn.Module):
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        rh = arch.roi_heads
+        self.in_features = tuple(rh.in_features)
+        self.num_classes = rh.num_classes
+        self.score_thresh = rh.score_thresh_test
+        self.nms_thresh = rh.nms_thresh_test
+        self.detections_per_image = rh.detections_per_image
+        self.box2box_transform = Box2BoxTransform(rh.box_head.bbox_reg_weights)
+        self.mask_on = rh.mask_head is not None
+
+    def _inference(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: list[torch.Tensor],
+                   image_sizes: Sequence[tuple[int, int]]) -> list[RawInstances]:
+        counts = [len(p) for p in proposals]
+        if sum(counts) == 0:
+            pred = deltas.new_zeros((0, deltas.shape[1]))
+        else:
+            pred = self.box2box_transform.apply_deltas(deltas, torch.cat(proposals))
+        probs = torch.softmax(logits, dim=-1)
+        return [
+            fast_rcnn_inference_single_image(b, s, size, self.score_thresh, self.nms_thresh,
+                                             self.detections_per_image)
+            for b, s, size in zip(pred.split(counts), probs.split(counts), image_sizes)
+        ]
+
+    def _attach_masks(self, results: list[RawInstances], mask_logits: torch.Tensor) -> None:
+        classes = torch.cat([r.classes for r in results]) if results else torch.zeros(0, dtype=torch.long)
+        probs = mask_probs(mask_logits, classes)
+        for r, p in zip(results, probs.split([len(r.classes) for r in results])):
+            r.mask_probs = p
+
+
+class StandardROIHeads(_ROIHeadsBase):
+    """Pool (one level for DC5, p2..p5 for FPN), FC box head, predictor; mask head on the kept boxes."""
+
+    def __init__(self, arch: Architecture, input_shape: dict[str, tuple[int, int]]) -> None:
+        super().__init__(arch)
+        rh = arch.roi_heads
+        channels = {input_shape[f][0] for f in self.in_features}
+        if len(channels) != 1:
+            raise ValueError("ROI heads need the same channel count on every input feature")
+        c = channels.pop()
+        scales = [1.0 / input_shape[f][1] for f in self.in_features]
+        bh = rh.box_head
+        self.box_pooler = ROIPooler(bh.pooler, scales)
+        self.box_head = FastRCNNConvFCHead(c, bh.pooler.resolution, bh)
+        self.box_predictor = FastRCNNOutputLayers(self.box_head.output_size, rh.num_classes,
+                                                  bh.cls_agnostic_bbox_reg)
+        if rh.mask_head is not None:
+            self.mask_pooler = ROIPooler(rh.mask_head.pooler, scales)
+            self.mask_head = MaskRCNNConvUpsampleHead(c, rh.num_classes, rh.mask_head)
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_sizes: Sequence[tuple[int, int]]) -> list[RawInstances]:
+        """Detections (and mask probabilities) per image from per-image proposal boxes."""
+        feats = [features[f] for f in self.in_features]
+        x = self.box_head(self.box_pooler(feats, proposals))
+        logits, deltas = self.box_predictor(x)
+        del x
+        results = self._inference(logits, deltas, proposals, image_sizes)
+        if self.mask_on:
+            boxes = [r.boxes for r in results]
+            self._attach_masks(results, self.mask_head(self.mask_pooler(feats, boxes)))
+        return results
+
+
+class Res5ROIHeads(_ROIHeadsBase):
+    """C4: pool 14x14 from res4, run res5 (stride 2), mean-pool for the predictor; mask head re-runs res5."""
+
+    # ROIs per res5 pass: bounds peak memory; results do not depend on it
+    chunk_size = 250
+
+    def __init__(self, arch: Architecture, input_shape: dict[str, tuple[int, int]]) -> None:
+        super().__init__(arch)
+        rh = arch.roi_heads
+        (f,) = self.in_features
+        bh = rh.box_head
+        self.pooler = ROIPooler(bh.pooler, [1.0 / input_shape[f][1]])
+        args = res5_stage_args(arch.resnet)
+        self.res5 = make_stage(first_stride=2, **args)
+        out_channels = args["out_channels"]
+        self.box_predictor = FastRCNNOutputLayers(out_channels, rh.num_classes, bh.cls_agnostic_bbox_reg)
+        if rh.mask_head is not None:
+            self.mask_head = MaskRCNNConvUpsampleHead(out_channels, rh.num_classes, rh.mask_head)
+
+    def _res5_chunks(self, feature: torch.Tensor, boxes: list[torch.Tensor]):
+        # flatten (image, box) pairs into chunks so 1000 ROIs x 1024 x 14 x 14 never sit in memory at once
+        flat = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
+                          for i, b in enumerate(boxes)]) if boxes else feature.new_zeros((0, 5))
+        for start in range(0, max(len(flat), 1), self.chunk_size):
+            chunk = flat[start:start + self.chunk_size]
+            yield self.res5(self.pooler([feature], chunk))
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_sizes: Sequence[tuple[int, int]]) -> list[RawInstances]:
+        """Detections (and mask probabilities) per image from per-image proposal boxes."""
+        feature = features[self.in_features[0]]
+        outs = [self.box_predictor(x.mean(dim=[2, 3])) for x in self._res5_chunks(feature, proposals)]
+        logits = torch.cat([o[0] for o in outs])
+        deltas = torch.cat([o[1] for o in outs])
+        results = self._inference(logits, deltas, proposals, image_sizes)
+        if self.mask_on:
+            boxes = [r.boxes for r in results]
+            mask_logits = torch.cat([self.mask_head(x) for x in self._res5_chunks(feature, boxes)])
+            self._attach_masks(results, mask_logits)
+        return results
+
+
+def build_roi_heads(arch: Architecture, input_shape: dict[str, tuple[int, int]]) -> nn.Module:
+    """ROI heads for the layout."""
+    if arch.roi_heads.name == "Res5ROIHeads":
+        return Res5ROIHeads(arch, input_shape)
+    return StandardROIHeads(arch, input_shape)

@@ -1,0 +1,112 @@
+"""Region proposal network at test time: StandardRPNHead, anchors, decoding, find_top_rpn_proposals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..manifest import RPNSpec
+from .anchors import AnchorGenerator
+from .box_coder import Box2BoxTransform, clip_boxes, nonempty
+
+
+@dataclass
+class Proposals:
+    """RPN output for one image: XYXY boxes in resized-image pixels, sorted by objectness."""
+
+    boxes: torch.Tensor  # [R, 4]
+    objectness_logits: torch.Tensor  # [R]
+
+
+class StandardRPNHead(nn.Module):
+    """Shared 3x3 conv + relu, then 1x1 objectness (A) and 1x1 deltas (A*4) on every level."""
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_dims: Sequence[int] = (-1,)) -> None:
+        super().__init__()
+        if len(conv_dims) != 1:
+            raise ValueError("only a single shared RPN conv is supported")
+        cout = in_channels if conv_dims[0] == -1 else conv_dims[0]
+        self.conv = nn.Conv2d(in_channels, cout, kernel_size=3, padding=1)
+        self.objectness_logits = nn.Conv2d(cout, num_anchors, kernel_size=1)
+        self.anchor_deltas = nn.Conv2d(cout, num_anchors * 4, kernel_size=1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per level: logits [N, A, H, W] and deltas [N, A*4, H, W]."""
+        logits, deltas = [], []
+        for x in features:
+            t = F.relu(self.conv(x))
+            logits.append(self.objectness_logits(t))
+            deltas.append(self.anchor_deltas(t))
+        return logits, deltas
+
+
+class RPN(nn.Module):
+    """Proposal generator: head, anchors, and Detectron2's test-time selection of proposals."""
+
+    def __init__(self, spec: RPNSpec, input_shape: dict[str, tuple[int, int]]) -> None:
+        super().__init__()
+        self.in_features = tuple(spec.in_features)
+        channels = {input_shape[f][0] for f in self.in_features}
+        if len(channels) != 1:
+            raise ValueError("RPN needs the same channel count on every input feature")
+        ag = spec.anchor_generator
+        self.anchor_generator = AnchorGenerator(ag.sizes, ag.aspect_ratios,
+                                                [input_shape[f][1] for f in self.in_features], ag.offset)
+        num_anchors = set(self.anchor_generator.num_cell_anchors)
+        if len(num_anchors) != 1:
+            raise ValueError("every RPN level must have the same number of anchors")
+        self.rpn_head = StandardRPNHead(channels.pop(), num_anchors.pop(), spec.head_conv_dims)
+        self.box2box_transform = Box2BoxTransform(spec.bbox_reg_weights)
+        self.nms_thresh = spec.nms_thresh
+        self.pre_nms_topk = spec.pre_nms_topk_test
+        self.post_nms_topk = spec.post_nms_topk_test
+        self.min_box_size = float(spec.min_size)
+
+    def forward(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:
+        """Proposals for each image of the batch."""
+        feats = [features[f] for f in self.in_features]
+        anchors = self.anchor_generator(feats)
+        logits, deltas = self.rpn_head(feats)
+        n = feats[0].shape[0]
+        # (N, A, H, W) -> (N, H*W*A), matching the anchors' (y, x, a) order
+        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+        deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+                  for x in deltas]
+        return self.find_top_proposals(anchors, logits, deltas, image_sizes)
+
+    def find_top_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
+                           deltas: list[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:
+        """Top-k per level (decoding only those), then per image: clip, size filter, per-level NMS, top-k."""
+        from .. import ops
+
+        n = logits[0].shape[0]
+        batch_idx = torch.arange(n, device=logits[0].device)[:, None]
+        scores_l, boxes_l, level_l = [], [], []
+        for lvl, (a, lg, d) in enumerate(zip(anchors, logits, deltas)):
+            k = min(lg.shape[1], self.pre_nms_topk)
+            top_scores, top_idx = lg.topk(k, dim=1)
+            # decoding is elementwise, so decoding just the top-k equals Detectron2's decode-all-then-select
+            sel_d = d[batch_idx, top_idx].reshape(-1, 4)
+            sel_a = a[top_idx.reshape(-1)]
+            boxes_l.append(self.box2box_transform.apply_deltas(sel_d, sel_a).view(n, k, 4))
+            scores_l.append(top_scores)
+            level_l.append(torch.full((k,), lvl, dtype=torch.int64, device=lg.device))
+        scores = torch.cat(scores_l, dim=1)
+        boxes = torch.cat(boxes_l, dim=1)
+        levels = torch.cat(level_l, dim=0)
+        results = []
+        for i, size in enumerate(image_sizes):
+            b, s, lv = boxes[i], scores[i], levels
+            valid = torch.isfinite(b).all(dim=1) & torch.isfinite(s)
+            if not bool(valid.all()):
+                b, s, lv = b[valid], s[valid], lv[valid]
+            b = clip_boxes(b, size)
+            keep = nonempty(b, self.min_box_size)
+            if not bool(keep.all()):
+                b, s, lv = b[keep], s[keep], lv[keep]
+            keep = ops.batched_nms(b, s, lv, self.nms_thresh)[: self.post_nms_topk]
+            results.append(Proposals(b[keep], s[keep]))
+        return results

@@ -1,0 +1,86 @@
+"""Test-time preprocessing exactly as Detectron2's DefaultPredictor + GeneralizedRCNN.preprocess_image."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from ..errors import InputError
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """A path, PIL image (any mode) or HxWx3 uint8 RGB array -> contiguous HxWx3 uint8 RGB array."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file {str(path)!r} does not exist; pass an existing image path, "
+                             "a PIL.Image or an HxWx3 uint8 RGB array")
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)  # Detectron2's read_image honours EXIF orientation
+                return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {str(path)!r} as an image ({type(e).__name__}); "
+                             "pass a PNG/JPEG file, a PIL.Image or an HxWx3 uint8 RGB array") from None
+    if isinstance(image, Image.Image):
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise InputError(f"image array has dtype {image.dtype}; pass uint8 RGB values in 0..255 "
+                             "(e.g. arr.astype(numpy.uint8))")
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"image array has shape {tuple(image.shape)}; pass an HxWx3 RGB array")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise InputError(f"image array has shape {tuple(image.shape)}; height and width must be at least 1")
+        return np.ascontiguousarray(image)
+    raise InputError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL.Image "
+                     "or an HxWx3 uint8 RGB numpy array")
+
+
+def resized_size(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """ResizeShortestEdge's output (h, w): scale the short side to short_edge, cap the long side, round half up."""
+    size = float(short_edge)
+    scale = size / min(h, w)
+    if h < w:
+        newh, neww = size, scale * w
+    else:
+        newh, neww = scale * h, size
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL bilinear resize of an HxWx3 uint8 array to (h, w), as Detectron2's ResizeTransform does."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def normalize_and_pad(images: Sequence[torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
+                      size_divisibility: int) -> torch.Tensor:
+    """(x - mean) / std per image, then zero-pad into one [N, 3, H, W] batch (ImageList.from_tensors)."""
+    max_h = max(int(im.shape[-2]) for im in images)
+    max_w = max(int(im.shape[-1]) for im in images)
+    if size_divisibility > 1:
+        d = size_divisibility
+        max_h, max_w = (max_h + d - 1) // d * d, (max_w + d - 1) // d * d
+    mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+    if len(images) == 1:
+        x = (images[0].float() - mean) / std
+        return F.pad(x, [0, max_w - x.shape[-1], 0, max_h - x.shape[-2]], value=0.0).unsqueeze(0)
+    out = images[0].new_zeros((len(images), 3, max_h, max_w), dtype=torch.float32)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = (im.float() - mean) / std
+    return out

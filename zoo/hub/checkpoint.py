@@ -1,0 +1,164 @@
+"""Load Detectron2 checkpoints without running code from the file."""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from zoo.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+_TORCH_SUFFIXES = (".pth", ".pt")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
+_WRAPPER_KEYS = ("model", "state_dict", "blobs")  # Detectron2, plain PyTorch, Caffe2 Detectron
+_LATIN1_NAMES = ("latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1")
+
+
+def _latin1_encode(obj: object, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes as _codecs.encode(str, 'latin1') in protocol 2; nothing else is needed.
+    if not isinstance(obj, str) or str(encoding).lower().replace("_", "-") not in _LATIN1_NAMES:
+        raise CheckpointError(f"checkpoint calls _codecs.encode with encoding {encoding!r}; only latin1 is allowed")
+    return obj.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # NumPy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    table: dict[tuple[str, str], Callable[..., Any]] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    # Old pickles name numpy.core, NumPy >= 2 writes numpy._core; both map to the live module.
+    for core in ("numpy.core", "numpy._core"):
+        table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
+    return table
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that can only build numpy arrays, dtypes, scalars and plain containers."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="latin1")
+        self._path = path
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise CheckpointError(
+                f"{self._path} refers to {module}.{name}, which a weights file never needs; refusing to load it "
+                f"(it may be malicious): use a checkpoint from a trusted source"
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self._path} uses pickle persistent ids; it is not a Detectron2 .pkl checkpoint")
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointError(
+        f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__}: {detail}); "
+        f"delete it and download it again"
+    )
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f, path).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # pickle reports damage as many different exception types
+        raise _unreadable(path, e) from None
+
+
+def _load_torch(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects that weights-only loading does not allow ({first}); "
+                f"use a checkpoint from a trusted source"
+            ) from None
+        raise _unreadable(path, e) from None
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
+def _to_tensor(value: Any, key: str, path: Path) -> "torch.Tensor":
+    import numpy as np
+    import torch
+
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biufc":
+        raise CheckpointError(f"{path}: entry {key!r} has dtype {arr.dtype}, not numbers; this is not a weights file")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    # A fresh, writable, C-contiguous copy: torch must not alias the unpickled buffer.
+    return torch.from_numpy(np.array(arr, copy=True, order="C"))
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, "torch.Tensor"]:
+    import numpy as np
+    import torch
+
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights; this is not a checkpoint")
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if isinstance(key, bytes):  # Python 2 str keys read without latin1 decoding
+            key = key.decode("latin1")
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path} has a non-string weight name {key!r}; this is not a checkpoint")
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, (np.ndarray, np.generic)):
+            out[key] = _to_tensor(value, key, path)
+        elif key.startswith("__"):
+            continue  # metadata such as __author__
+        else:
+            raise CheckpointError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not an array; this is not a weights file"
+            )
+    if not out:
+        raise CheckpointError(f"{path} contains no weight arrays; check that it is a model checkpoint")
+    return out
+
+
+def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, "torch.Tensor"]:
+    """Read a Detectron2 .pkl or a PyTorch .pth/.pt checkpoint into {name: tensor}, running no code from it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot open checkpoint {path}: {e.strerror or e}; check the path") from None
+    if head == _ZIP_MAGIC or path.suffix.lower() in _TORCH_SUFFIXES:
+        obj = _load_torch(path)
+    else:
+        obj = _load_pickle(path)
+    return _state_dict(obj, path)

@@ -1,0 +1,63 @@
+"""Backend selection of zoo.ops: argument > ZOO_OPS > device; triton stays optional."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo import ops
+from zoo.errors import ZooError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cpu_defaults_to_torch(monkeypatch):
+    monkeypatch.delenv("ZOO_OPS", raising=False)
+    assert ops.resolve_backend(None, torch.zeros(1)) == "torch"
+
+
+def test_env_forces_backend_and_argument_wins(monkeypatch):
+    monkeypatch.setenv("ZOO_OPS", "torch")
+    assert ops.resolve_backend(None, torch.zeros(1)) == "torch"
+    monkeypatch.setenv("ZOO_OPS", "bogus")
+    with pytest.raises(ZooError, match="ZOO_OPS"):
+        ops.resolve_backend(None, torch.zeros(1))
+    assert ops.resolve_backend("torch", torch.zeros(1)) == "torch"
+
+
+def test_unknown_backend_argument():
+    with pytest.raises(ZooError, match="unknown ops backend"):
+        ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5, backend="cuda")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not ops.triton_available():
+        pytest.skip("triton not installed")
+    with pytest.raises(ZooError, match="TRITON_INTERPRET=1"):
+        ops.roi_align(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1, 1.0, 0, True,
+                      backend="triton")
+    monkeypatch.setenv("ZOO_OPS", "triton")
+    with pytest.raises(ZooError, match="TRITON_INTERPRET=1"):
+        ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+
+
+def test_torch_path_never_imports_triton():
+    code = (
+        "import sys, torch\n"
+        "from zoo import ops\n"
+        "ops.roi_align(torch.zeros(1,1,4,4), torch.tensor([[0.,0,0,2,2]]), 2, 1.0, 0, True)\n"
+        "ops.multilevel_roi_align([torch.zeros(1,1,4,4)]*2, torch.tensor([[0.,0,0,2,2]]),"
+        " 2, [0.25, 0.125], 0)\n"
+        "ops.batched_nms(torch.zeros(2,4), torch.zeros(2), torch.zeros(2, dtype=torch.long), 0.5)\n"
+        "bad = [m for m in sys.modules if m.startswith(('triton', 'zoo.kernels', 'torchvision'))]\n"
+        "assert not bad, bad\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ZOO_OPS", "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,119 @@
+"""Detection ops (ROIAlign, FPN ROI pooler, NMS) with a torch and a Triton backend.
+
+Backend choice: an explicit ``backend=`` argument wins, then the ``ZOO_OPS``
+environment variable (``torch`` or ``triton``), then "triton" for CUDA tensors when
+triton imports and "torch" otherwise. ``zoo.kernels`` (and triton) is imported only
+when the triton backend is actually used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from zoo.errors import ZooError
+from zoo.ops import reference
+from zoo.ops.reference import BoxesLike
+
+__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed",
+           "resolve_backend", "triton_available"]
+
+_BACKENDS = ("torch", "triton")
+_triton_ok: Optional[bool] = None
+
+
+def triton_available() -> bool:
+    """True when the optional triton package imports."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            _triton_ok = True
+        except Exception:  # any import failure means "not usable"
+            _triton_ok = False
+    return _triton_ok
+
+
+def resolve_backend(backend: Optional[str], tensor: Tensor) -> str:
+    """Pick "torch" or "triton" for an op on `tensor` (argument > ZOO_OPS > device)."""
+    if backend is None:
+        env = os.environ.get("ZOO_OPS", "").strip().lower()
+        if env:
+            if env not in _BACKENDS:
+                raise ZooError(f"ZOO_OPS={env!r} is not a known backend; "
+                               f"set it to one of {_BACKENDS} or unset it")
+            backend = env
+        else:
+            backend = "triton" if tensor.is_cuda and triton_available() else "torch"
+    if backend not in _BACKENDS:
+        raise ZooError(f"unknown ops backend {backend!r}; use one of {_BACKENDS}")
+    if backend == "triton":
+        if not triton_available():
+            raise ZooError("the triton backend needs the 'triton' package; install it "
+                           "or use backend='torch' (ZOO_OPS=torch)")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ZooError("the triton backend needs CUDA tensors; for CPU tensors set "
+                           "TRITON_INTERPRET=1 (slow, for testing) or use backend='torch'")
+    return backend
+
+
+def _kernels():
+    import zoo.kernels  # deferred: triton is optional
+    return zoo.kernels
+
+
+def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              *, backend: Optional[str] = None) -> Tensor:
+    """ROIAlign (torchvision semantics): [N,C,H,W] x boxes -> [K,C,oh,ow]."""
+    if resolve_backend(backend, input) == "triton":
+        return _kernels().roi_align(input, boxes, output_size, spatial_scale,
+                                    sampling_ratio, aligned)
+    return reference.roi_align(input, boxes, output_size, spatial_scale,
+                               sampling_ratio, aligned)
+
+
+def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
+                         output_size: Union[int, Sequence[int]], scales: Sequence[float],
+                         sampling_ratio: int, aligned: bool = True,
+                         canonical_box_size: float = 224, canonical_level: int = 4,
+                         *, backend: Optional[str] = None) -> Tensor:
+    """Detectron2 ROIPooler: assign each box an FPN level, pool, keep input order."""
+    if resolve_backend(backend, features[0]) == "triton":
+        return _kernels().multilevel_roi_align(features, boxes, output_size, scales,
+                                               sampling_ratio, aligned,
+                                               canonical_box_size, canonical_level)
+    return reference.multilevel_roi_align(features, boxes, output_size, scales,
+                                          sampling_ratio, aligned,
+                                          canonical_box_size, canonical_level)
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float,
+        *, backend: Optional[str] = None) -> Tensor:
+    """Greedy NMS like torchvision.ops.nms: kept indices by decreasing score."""
+    if resolve_backend(backend, boxes) == "triton":
+        return _kernels().nms(boxes, scores, iou_threshold)
+    return reference.nms(boxes, scores, iou_threshold)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
+                *, backend: Optional[str] = None) -> Tensor:
+    """Per-category NMS like torchvision.ops.batched_nms (same regime switch)."""
+    if resolve_backend(backend, boxes) == "triton":
+        return _kernels().batched_nms(boxes, scores, idxs, iou_threshold)
+    return reference.batched_nms(boxes, scores, idxs, iou_threshold)
+
+
+def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
+              *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """NMS with static output: (indices[max_out] padded with -1, kept-count tensor)."""
+    if resolve_backend(backend, boxes) == "triton":
+        return _kernels().nms_fixed(boxes, scores, iou_threshold, max_out)
+    keep = reference.nms(boxes, scores, iou_threshold)
+    out = torch.full((max_out,), -1, dtype=torch.long, device=boxes.device)
+    n = min(max_out, keep.numel())
+    out[:n] = keep[:n]
+    return out, torch.tensor(n, dtype=torch.long, device=boxes.device)

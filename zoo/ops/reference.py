@@ -1,0 +1,309 @@
+"""Pure-torch reference implementations of ROIAlign, the FPN ROI pooler and NMS.
+
+Semantics follow torchvision's CPU kernels (which Detectron2 calls); the code is
+vectorised over boxes and runs on any device torch supports.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+BoxesLike = Union[Tensor, Sequence[Tensor]]
+
+# Elements (samples x channels) gathered per chunk; bounds peak memory of roi_align.
+_CHUNK_ELEMS = 1 << 23
+# Block of sorted boxes the greedy NMS scan handles at once.
+_NMS_BLOCK = 256
+
+
+def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    oh, ow = size
+    return int(oh), int(ow)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays fp64, everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def boxes_to_rois(boxes: BoxesLike, device: torch.device | None = None) -> Tensor:
+    """Convert a [K,5] tensor or a list of per-image [Ki,4] tensors to [K,5] rois."""
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"boxes tensor must be [K,5], got {tuple(boxes.shape)}")
+        return boxes
+    boxes = list(boxes)
+    parts = []
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"per-image boxes must be [Ki,4], got {tuple(b.shape)}")
+        parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
+    if not parts:
+        return torch.zeros((0, 5), device=device)
+    return torch.cat(parts, dim=0)
+
+
+def _roi_geometry(rois: Tensor, spatial_scale: float, oh: int, ow: int,
+                  sampling_ratio: int, aligned: bool):
+    """Per-ROI start, bin size and sampling grid (torchvision's formulas)."""
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    x2 = rois[:, 3] * spatial_scale - offset
+    y2 = rois[:, 4] * spatial_scale - offset
+    rw = x2 - x1
+    rh = y2 - y1
+    if not aligned:  # legacy mode forces a minimum roi size of 1
+        rw = rw.clamp(min=1.0)
+        rh = rh.clamp(min=1.0)
+    bh = rh / oh
+    bw = rw / ow
+    if sampling_ratio > 0:
+        gh = torch.full_like(rh, sampling_ratio, dtype=torch.long)
+        gw = gh.clone()
+    else:
+        # ceil(roi/bin); negative sizes (aligned, x2<x1) give an empty grid.
+        gh = torch.nan_to_num(torch.ceil(rh / oh), nan=0.0, posinf=0.0, neginf=0.0)
+        gw = torch.nan_to_num(torch.ceil(rw / ow), nan=0.0, posinf=0.0, neginf=0.0)
+        gh = gh.clamp(min=0).long()
+        gw = gw.clamp(min=0).long()
+    return y1, x1, bh, bw, gh, gw
+
+
+def _axis_taps(start: Tensor, bsz: Tensor, g: int, i0: int, i1: int, n_out: int, size: int):
+    """Bilinear taps along one axis for samples i0..i1-1 of a grid of g per bin.
+
+    Returns low/high pixel indices and their weights, shape [K, n_out, i1-i0];
+    samples outside [-1, size] get zero weight, as in torchvision.
+    """
+    dt = start.dtype
+    p = torch.arange(n_out, device=start.device, dtype=dt)
+    i = torch.arange(i0, i1, device=start.device, dtype=dt)
+    v = (start[:, None, None] + p[None, :, None] * bsz[:, None, None]
+         + (i[None, None, :] + 0.5) * bsz[:, None, None] / g)
+    valid = (v >= -1.0) & (v <= size)
+    v = torch.nan_to_num(v, nan=0.0).clamp(0.0, float(size))
+    lo = v.long()
+    edge = lo >= size - 1
+    lo = torch.where(edge, torch.full_like(lo, size - 1), lo)
+    hi = torch.where(edge, lo, lo + 1)
+    v = torch.where(edge, lo.to(dt), v)
+    l = v - lo.to(dt)
+    h = 1.0 - l
+    m = valid.to(dt)
+    return lo, hi, h * m, l * m
+
+
+def _roi_align_group(flat: Tensor, rois: Tensor, H: int, W: int, spatial_scale: float,
+                     oh: int, ow: int, gh: int, gw: int, aligned: bool) -> Tensor:
+    """ROIAlign for ROIs sharing one sampling grid (gh, gw); flat is [N*H*W, C]."""
+    K = rois.shape[0]
+    C = flat.shape[1]
+    dt = flat.dtype
+    if gh == 0 or gw == 0:
+        return flat.new_zeros((K, C, oh, ow))
+    y1, x1, bh, bw, _, _ = _roi_geometry(rois, spatial_scale, oh, ow, 1, aligned)
+    base = rois[:, 0].long() * (H * W)
+    xlo, xhi, wxl, wxh = _axis_taps(x1, bw, gw, 0, gw, ow, W)
+    X = torch.stack([xlo, xhi], -1).reshape(K, 1, ow, 1, 2 * gw)
+    WX = torch.stack([wxl, wxh], -1).reshape(K, 1, ow, 1, 2 * gw)
+    # Chunk over sample rows so one huge ROI cannot exhaust memory.
+    per_row = oh * ow * 2 * (2 * gw) * C
+    rows = max(1, min(gh, _CHUNK_ELEMS // max(per_row, 1)))
+    acc = None
+    for i0 in range(0, gh, rows):
+        i1 = min(gh, i0 + rows)
+        ylo, yhi, wyl, wyh = _axis_taps(y1, bh, gh, i0, i1, oh, H)
+        n = i1 - i0
+        Y = torch.stack([ylo, yhi], -1).reshape(K, oh, 1, 2 * n, 1)
+        WY = torch.stack([wyl, wyh], -1).reshape(K, oh, 1, 2 * n, 1)
+        idx = (base[:, None, None, None, None] + Y * W + X).reshape(-1)
+        wt = (WY * WX).reshape(K * oh * ow, 1, 4 * n * gw)
+        vals = flat.index_select(0, idx).reshape(K * oh * ow, 4 * n * gw, C)
+        part = torch.bmm(wt, vals)
+        acc = part if acc is None else acc + part
+    out = acc.reshape(K, oh, ow, C).permute(0, 3, 1, 2)
+    return out / float(gh * gw)
+
+
+def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> Tensor:
+    """ROIAlign with torchvision/Detectron2 semantics, vectorised over boxes."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be [N,C,H,W], got {tuple(input.shape)}")
+    oh, ow = _pair(output_size)
+    N, C, H, W = input.shape
+    rois = boxes_to_rois(boxes, input.device)
+    K = rois.shape[0]
+    if K == 0 or C == 0:
+        return input.new_zeros((K, C, oh, ow))
+    acc = acc_dtype(input.dtype)
+    rois = rois.to(device=input.device, dtype=acc)
+    flat = input.to(acc).permute(0, 2, 3, 1).reshape(N * H * W, C)
+    _, _, _, _, gh, gw = _roi_geometry(rois, spatial_scale, oh, ow, sampling_ratio, aligned)
+    # Group ROIs by their sampling grid so no sample is padded or masked away.
+    key = gh * (int(gw.max()) + 1) + gw
+    key_sorted, order = torch.sort(key, stable=True)
+    _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+    gh_s = gh[order].tolist()
+    gw_s = gw[order].tolist()
+    parts = []
+    start = 0
+    for cnt in counts.tolist():
+        g_h, g_w = gh_s[start], gw_s[start]
+        per_roi = oh * ow * 4 * max(g_h * g_w, 1) * C
+        step = max(1, _CHUNK_ELEMS // per_roi)
+        for s in range(start, start + cnt, step):
+            idx = order[s:min(s + step, start + cnt)]
+            parts.append(_roi_align_group(flat, rois[idx], H, W, spatial_scale,
+                                          oh, ow, g_h, g_w, aligned))
+        start += cnt
+    out = torch.cat(parts, 0)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(K, device=order.device)
+    return out.index_select(0, inv).to(input.dtype)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Detectron2 Boxes.area(): (x2-x1)*(y2-y1), no +1."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def level_range(scales: Sequence[float]) -> tuple[int, int]:
+    """(min_level, max_level) of a pyramid from its scales, as Detectron2's ROIPooler."""
+    lo = -math.log2(scales[0])
+    hi = -math.log2(scales[-1])
+    if abs(lo - round(lo)) > 1e-6 or abs(hi - round(hi)) > 1e-6:
+        raise ValueError(f"feature scales must be powers of 2, got {list(scales)}")
+    return int(round(lo)), int(round(hi))
+
+
+def assign_levels(rois: Tensor, min_level: int, max_level: int,
+                  canonical_box_size: float = 224.0, canonical_level: int = 4) -> Tensor:
+    """Pyramid level index (0-based) of each [K,5] roi, Detectron2's formula."""
+    size = torch.sqrt(box_area(rois[:, 1:]))
+    lvl = torch.floor(canonical_level + torch.log2(size / canonical_box_size + 1e-8))
+    # NaN (negative area) would be undefined in Detectron2; send it to the finest level.
+    lvl = torch.nan_to_num(lvl, nan=float(min_level)).clamp(min=min_level, max=max_level)
+    return lvl.to(torch.int64) - min_level
+
+
+def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
+                         output_size: Union[int, Sequence[int]], scales: Sequence[float],
+                         sampling_ratio: int, aligned: bool = True,
+                         canonical_box_size: float = 224.0,
+                         canonical_level: int = 4) -> Tensor:
+    """Detectron2 ROIPooler (ROIAlign/ROIAlignV2): pool each box from its FPN level."""
+    if len(features) != len(scales):
+        raise ValueError("features and scales must have the same length")
+    oh, ow = _pair(output_size)
+    rois = boxes_to_rois(boxes, features[0].device)
+    if len(features) == 1:
+        return roi_align(features[0], rois, (oh, ow), scales[0], sampling_ratio, aligned)
+    N, C = features[0].shape[:2]
+    K = rois.shape[0]
+    ref = features[0]
+    if K == 0:
+        return ref.new_zeros((0, C, oh, ow))
+    min_level, max_level = level_range(scales)
+    lvl = assign_levels(rois, min_level, max_level, canonical_box_size, canonical_level)
+    out = ref.new_zeros((K, C, oh, ow))
+    for i, (feat, scale) in enumerate(zip(features, scales)):
+        idx = torch.nonzero(lvl == i).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        pooled = roi_align(feat, rois[idx], (oh, ow), scale, sampling_ratio, aligned)
+        out = out.index_put((idx,), pooled)
+    return out
+
+
+def _iou_gt(a: Tensor, a_area: Tensor, b: Tensor, b_area: Tensor, thr: float) -> Tensor:
+    """[len(a), len(b)] mask of IoU > thr, computed op-by-op like torchvision's CPU loop."""
+    xx1 = torch.maximum(a[:, None, 0], b[None, :, 0])
+    yy1 = torch.maximum(a[:, None, 1], b[None, :, 1])
+    xx2 = torch.minimum(a[:, None, 2], b[None, :, 2])
+    yy2 = torch.minimum(a[:, None, 3], b[None, :, 3])
+    w = (xx2 - xx1).clamp(min=0)
+    h = (yy2 - yy1).clamp(min=0)
+    inter = w * h
+    iou = inter / (a_area[:, None] + b_area[None, :] - inter)
+    # torchvision compares the float IoU with the double threshold.
+    return iou.to(torch.float64) > thr
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS identical to torchvision.ops.nms; ties broken by lower index first."""
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.dim() != 1 or \
+            scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"nms expects boxes [N,4] and scores [N], got "
+                         f"{tuple(boxes.shape)} and {tuple(scores.shape)}")
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty((0,), dtype=torch.long, device=boxes.device)
+    cdt = acc_dtype(boxes.dtype)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    b = boxes.detach().to(cdt).index_select(0, order)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    kept_boxes: list[Tensor] = []
+    kept_areas: list[Tensor] = []
+    for s in range(0, n, _NMS_BLOCK):
+        e = min(n, s + _NMS_BLOCK)
+        bb, ba = b[s:e], area[s:e]
+        alive = torch.ones(e - s, dtype=torch.bool, device=boxes.device)
+        if kept_boxes:
+            kb = torch.cat(kept_boxes)
+            ka = torch.cat(kept_areas)
+            alive &= ~_iou_gt(kb, ka, bb, ba, iou_threshold).any(0)
+        sup = torch.triu(_iou_gt(bb, ba, bb, ba, iou_threshold), diagonal=1)
+        # Fixed-point iteration of the greedy rule; unique because sup is strictly
+        # upper triangular, so it equals the sequential scan.
+        cur = alive
+        while True:
+            nxt = alive & ~(sup & cur[:, None]).any(0)
+            if torch.equal(nxt, cur):
+                break
+            cur = nxt
+        keep[s:e] = cur
+        kept_boxes.append(bb[cur])
+        kept_areas.append(ba[cur])
+    return order[keep]
+
+
+def _batched_nms_vanilla(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                         iou_threshold: float) -> Tensor:
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    for cls in torch.unique(idxs):
+        cur = torch.nonzero(idxs == cls).squeeze(1)
+        k = nms(boxes[cur], scores[cur], iou_threshold)
+        keep_mask[cur[k]] = True
+    keep = torch.nonzero(keep_mask).squeeze(1)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def _batched_nms_coordinate_trick(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                                  iou_threshold: float) -> Tensor:
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.long, device=boxes.device)
+    max_coordinate = boxes.max()
+    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def use_vanilla_batched_nms(boxes: Tensor) -> bool:
+    """torchvision's rule: per-class loop above 4000 (CPU) / 20000 (GPU) elements."""
+    return boxes.numel() > (4000 if boxes.device.type == "cpu" else 20000)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Per-category NMS identical to torchvision.ops.batched_nms (same regime rule)."""
+    if use_vanilla_batched_nms(boxes):
+        return _batched_nms_vanilla(boxes, scores, idxs, iou_threshold)
+    return _batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)

@@ -83,7 +83,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(m.model_dump_json(indent=2))
         return 0
     a, s = m.architecture, m.summary()
-    backbone = f"ResNe{'X' if a.resnet.num_groups > 1 else 't'}-{a.resnet.depth}"
+    backbone = f"{'ResNeXt' if a.resnet.num_groups > 1 else 'ResNet'}-{a.resnet.depth}"
     if a.resnet.num_groups > 1:
         backbone += f" {a.resnet.num_groups}x{a.resnet.width_per_group}d"
     lines = [

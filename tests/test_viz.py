@@ -1,0 +1,116 @@
+"""zoo.viz.draw: boxes, translucent masks and legible labels, on plain and real images."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zoo.errors import InputError
+from zoo.results import Detections
+from zoo.viz import draw, instance_colors
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GREY = 128
+
+
+def _dets(boxes, scores, labels, masks=None, size=(240, 320)):
+    return Detections(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32),
+                      torch.tensor(labels, dtype=torch.int64), masks, size)
+
+
+def _grey(h=240, w=320):
+    return np.full((h, w, 3), GREY, np.uint8)
+
+
+def test_output_size_and_untouched_background():
+    img = _grey()
+    out = draw(img, _dets([[100, 120, 200, 200]], [0.9], [0]))
+    assert isinstance(out, Image.Image) and out.size == (320, 240) and out.mode == "RGB"
+    arr = np.asarray(out).astype(int)
+    changed = np.abs(arr - GREY).sum(axis=2) > 0
+    # Box outline is drawn on all four sides.
+    assert changed[160, 100] and changed[160, 199] and changed[199, 150]
+    # Well inside the box, and far outside box + label, nothing changes.
+    assert not changed[140:180, 120:180].any()
+    assert not changed[:, 230:].any() and not changed[210:, :].any() and not changed[:, :90].any()
+    # The input array is not modified in place.
+    assert (img == GREY).all()
+
+
+def test_label_is_legible_text_on_a_filled_background():
+    out = np.asarray(draw(_grey(), _dets([[100, 120, 200, 200]], [0.87], [0]))).astype(int)
+    color = np.array(instance_colors(1)[0])
+    # The label sits above the box: a filled rectangle of the box colour with contrasting text in it.
+    above = out[:120]
+    ys, xs = np.nonzero(np.abs(above - color).sum(axis=2) == 0)
+    assert len(ys) > 100 and ys.min() >= 90 and xs.min() >= 100
+    label = above[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    assert label.shape[1] > 40  # "person 87%" is wider than it is tall
+    lum = label @ np.array([0.299, 0.587, 0.114])
+    bg_lum = float(color @ np.array([0.299, 0.587, 0.114]))
+    text = np.abs(lum - bg_lum) > 100
+    assert 0.05 < text.mean() < 0.6, "label text should contrast strongly with its background"
+
+
+def test_label_moves_inside_when_box_touches_top_edge():
+    out = np.asarray(draw(_grey(), _dets([[10, 0, 200, 100]], [0.9], [2]))).astype(int)
+    color = np.array(instance_colors(1)[0])
+    assert (np.abs(out[2:12, 15:40] - color).sum(axis=2) == 0).mean() > 0.3
+
+
+def test_masks_tint_their_pixels_in_distinct_colours():
+    masks = torch.zeros(2, 240, 320, dtype=torch.bool)
+    masks[0, 50:100, 20:100] = True
+    masks[1, 150:200, 200:300] = True
+    dets = _dets([[20, 50, 100, 100], [200, 150, 300, 200]], [0.9, 0.8], [0, 17], masks)
+    arr = np.asarray(draw(_grey(), dets)).astype(int)
+    a, b = arr[75, 60], arr[175, 250]  # interiors of each mask, away from box lines and labels
+    assert np.abs(a - GREY).sum() > 30 and np.abs(b - GREY).sum() > 30
+    assert np.abs(a - b).sum() > 30
+    # Translucent: the tint mixes with the image, it does not replace it.
+    for px, k in ((a, 0), (b, 1)):
+        c = np.array(instance_colors(2)[k])
+        assert np.abs(px - c).sum() > 10 or np.abs(px - GREY).sum() < np.abs(c - GREY).sum()
+    assert (np.abs(arr[220:, :150] - GREY).sum(axis=2) == 0).all()
+
+
+def test_score_threshold_hides_weak_instances():
+    dets = _dets([[100, 120, 200, 200]], [0.3], [0])
+    assert (np.asarray(draw(_grey(), dets, score_thresh=0.5)) == GREY).all()
+    assert (np.asarray(draw(_grey(), dets, score_thresh=0.2)) != GREY).any()
+
+
+def test_empty_detections_and_pil_input():
+    dets = _dets(np.zeros((0, 4)), [], [])
+    out = draw(Image.fromarray(_grey()), dets)
+    assert (np.asarray(out) == GREY).all()
+
+
+def test_size_mismatch_is_an_input_error():
+    with pytest.raises(InputError, match="size"):
+        draw(_grey(100, 100), _dets([[1, 1, 5, 5]], [0.9], [0]))
+
+
+def test_real_picture_with_fixture_detections(tmp_path):
+    mask_util = pytest.importorskip("pycocotools.mask")
+    rec = json.loads((FIXTURES / "detectron2/mask_rcnn_R_50_FPN_3x/grace_hopper.json").read_text())
+    inst = rec["instances"]
+    masks = np.stack([mask_util.decode({"size": r["size"], "counts": r["counts"].encode()})
+                      for r in inst["masks_rle"]]).astype(bool)
+    h, w = rec["input"]["height"], rec["input"]["width"]
+    dets = Detections(torch.tensor(inst["boxes"]), torch.tensor(inst["scores"]), torch.tensor(inst["classes"]),
+                      torch.from_numpy(masks), (h, w))
+    image = FIXTURES / "images/grace_hopper.png"
+    out = draw(image, dets, score_thresh=0.3)
+    out.save(tmp_path / "grace_hopper.png")
+    assert out.size == (w, h)
+    src = np.asarray(Image.open(image).convert("RGB")).astype(int)
+    diff = np.abs(np.asarray(out).astype(int) - src).sum(axis=2) > 0
+    keep = np.array(inst["scores"]) >= 0.3
+    # Every change lies inside a drawn box grown by its label's height.
+    allowed = np.zeros((h, w), bool)
+    for x1, y1, x2, y2 in np.array(inst["boxes"])[keep]:
+        allowed[max(int(y1) - 30, 0): int(y2) + 3, max(int(x1) - 3, 0): int(x2) + 120] = True
+    assert diff.any() and not (diff & ~allowed).any()

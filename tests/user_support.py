@@ -1,0 +1,93 @@
+"""Shared by the user-facing tests: synthetic checkpoints on disk, small test manifests, the CLI runner."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from synth_weights import synth_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+IMAGES = FIXTURES / "images"
+MIRROR_PREFIX = "https://dl.fbaipublicfiles.com/detectron2/"
+
+
+def fixture_record(name: str, image: str) -> dict:
+    """Detectron2's recorded output for baseline `name` on fixture image `image` (stem)."""
+    return json.loads((FIXTURES / "detectron2" / name / f"{image}.json").read_text())
+
+
+def synth_checkpoint(tmp_path_factory, name: str) -> Path:
+    """The fixtures' synthetic weights for `name` as a released-layout .pkl, written once per session."""
+    path = tmp_path_factory.getbasetemp() / "synth_checkpoints" / f"{name}.pkl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+        w = fixture_record(name, "grace_hopper")["weights"]
+        state = synth_state_dict(keys, w["seed"], w["pixel_std"])
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": state, "__author__": "synthetic", "matching_heuristics": False}, f, protocol=4)
+        tmp.replace(path)
+    return path
+
+
+def md5_prefix(path: Path) -> str:
+    """The 6 hex digits Detectron2 puts in a released file name."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:6]
+
+
+def small_manifest(base: str, checkpoint: Optional[Path] = None, *, min_size: int = 320, max_size: int = 512) -> dict:
+    """Manifest `small_<base>`: `base`'s network at a small test size, so CPU tests run in a fraction of the time.
+
+    Its checkpoint URL names `checkpoint`'s true MD5 prefix, so the hub accepts the file from a mirror.
+    """
+    from zoo.registry import get_manifest
+
+    m = get_manifest(base).model_dump(mode="json")
+    name = f"small_{base}"
+    md5 = md5_prefix(checkpoint) if checkpoint is not None else "000000"
+    m["name"] = name
+    m["config"] = f"Test/{name}.yaml"
+    m["checkpoint"]["url"] = f"{MIRROR_PREFIX}Test/{name}/{m['model_id']}/model_final_{md5}.pkl"
+    m["checkpoint"]["sha256"] = None
+    m["architecture"]["input"].update(min_size_test=min_size, max_size_test=max_size)
+    m["architecture"]["rpn"].update(pre_nms_topk_test=300, post_nms_topk_test=100)
+    return m
+
+
+def mirror_with(directory: Path, manifest: dict, checkpoint: Path) -> Path:
+    """Lay `checkpoint` out under `directory` where ZOO_MIRROR=directory serves `manifest`'s URL."""
+    dest = directory / manifest["checkpoint"]["url"][len(MIRROR_PREFIX):]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        os.symlink(checkpoint, dest)
+    return directory
+
+
+def write_manifest_dir(directory: Path, *manifests: dict) -> Path:
+    """A folder for ZOO_MANIFEST_PATH holding `manifests`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for m in manifests:
+        (directory / f"{m['name']}.json").write_text(json.dumps(m, indent=1))
+    return directory
+
+
+def zoo_cmd(*args: str, env: Optional[dict] = None, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m zoo ARGS` from this checkout, quietly, with an isolated cache unless env says otherwise."""
+    e = dict(os.environ)
+    e.pop("ZOO_MIRROR", None)
+    e.update({"ZOO_QUIET": "1", **(env or {})})
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, env=e, cwd=cwd,
+                          timeout=timeout)

@@ -1,0 +1,96 @@
+"""Pictures of detections: translucent masks, boxes and legible labels, drawn with PIL and NumPy only."""
+from __future__ import annotations
+
+import colorsys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .results import Detections
+
+MASK_ALPHA = 0.45
+
+
+def instance_colors(n: int) -> list[tuple[int, int, int]]:
+    """`n` saturated RGB colours whose hues are spread by the golden ratio, so neighbours differ."""
+    out = []
+    for i in range(n):
+        hue = (0.11 + i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return out
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
+    except TypeError:  # older Pillow: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_color(bg: tuple[int, int, int]) -> tuple[int, int, int]:
+    # Black on light backgrounds, white on dark ones (perceived luminance).
+    lum = 0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2]
+    return (0, 0, 0) if lum > 150 else (255, 255, 255)
+
+
+def _mask_edge(mask: np.ndarray) -> np.ndarray:
+    # Pixels of the mask with at least one 4-neighbour outside it.
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def draw(image: Any, detections: "Detections", score_thresh: float = 0.5) -> Image.Image:
+    """Render `detections` on `image` (path, PIL.Image or HxWx3 uint8 RGB array) as a new RGB PIL image."""
+    from .modeling.transforms import to_rgb_array
+
+    rgb = to_rgb_array(image)
+    h, w = rgb.shape[:2]
+    if tuple(detections.image_size) != (h, w):
+        raise InputError(f"detections are for an image of size {tuple(detections.image_size)} but the image is "
+                         f"{(h, w)}; draw on the image that was passed to predict")
+    det = detections.filter(score_thresh)
+    boxes = det.boxes.detach().float().cpu().numpy().reshape(-1, 4)
+    scores = det.scores.detach().float().cpu().numpy()
+    names = det.class_names
+    masks = None if det.masks is None else det.masks.detach().cpu().numpy().astype(bool)
+
+    # Large instances first, so small ones stay visible on top of them.
+    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
+    colors = instance_colors(len(order))
+
+    canvas = rgb.astype(np.float32)
+    if masks is not None:
+        for k, i in enumerate(order):
+            m = masks[i]
+            color = np.array(colors[k], np.float32)
+            canvas[m] = canvas[m] * (1.0 - MASK_ALPHA) + color * MASK_ALPHA
+            canvas[_mask_edge(m)] = color
+    out = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+
+    pen = ImageDraw.Draw(out)
+    scale = (h * w) ** 0.5  # wide or tall images still get readable labels
+    line = max(2, round(scale / 250))
+    font = _font(int(np.clip(scale * 0.026, 11, 40)))
+    pad = max(2, line)
+    for k, i in enumerate(order):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        color = colors[k]
+        pen.rectangle([x1, y1, x2, y2], outline=color, width=line)
+        text = f"{names[i]} {scores[i] * 100:.0f}%"
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 2 * pad, bottom - top + 2 * pad
+        # Above the box when there is room, else just inside its top edge; never off the image.
+        lx = min(max(x1, 0.0), max(w - tw, 0))
+        ly = y1 - th if y1 - th >= 0 else min(max(y1, 0.0), max(h - th, 0))
+        pen.rectangle([lx, ly, lx + tw - 1, ly + th - 1], fill=color)
+        pen.text((lx + pad - left, ly + pad - top), text, fill=_text_color(color), font=font)
+    return out

@@ -97,7 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         """Faults: status (reply with it), ignore_range, drop_after (body bytes, then cut the
-        connection), rate (bytes/s), stall (seconds of silence after stall_after body bytes)."""
+        connection), rate (bytes/s), stall (seconds of silence after stall_after body bytes),
+        chunked (Transfer-Encoding: chunked, no Content-Length)."""
         srv: FileServer = self.server.fileserver  # type: ignore[attr-defined]
         req = Request(self.path, self.headers.get("Range"))
         with srv._lock:
@@ -122,7 +123,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
+        chunked = fault.get("chunked", False)
+        if chunked:  # no length known up front
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -139,15 +144,19 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(fault["stall"])
                     stalled = True
                 piece = body[pos : min(pos + CHUNK, limit)]
-                self.wfile.write(piece)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 pos += len(piece)
                 req.sent = pos
                 if rate:
                     self.wfile.flush()
                     time.sleep(len(piece) / rate)
-            self.wfile.flush()
             if limit < len(body):  # cut the connection mid-body
+                self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
 

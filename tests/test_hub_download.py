@@ -75,6 +75,14 @@ def test_stalled_body_times_out_and_resumes(server, hub_env, monkeypatch):
     assert len(reqs) == 2 and reqs[1].range is not None and reqs[1].status == 206
 
 
+def test_chunked_response_without_length_resumes(server, hub_env):
+    data, path, url = serve(server, always={"chunked": True}, faults=[{"drop_after": SIZE // 2}])
+    assert fetch(url).read_bytes() == data
+    reqs = server.requests(path)
+    assert [r.status for r in reqs] == [200, 206]
+    assert reqs[1].range is not None and server.bytes_sent(path) < 2 * SIZE
+
+
 def test_server_ignoring_range_restarts_cleanly(server, hub_env):
     data, path, url = serve(server, faults=[{"drop_after": SIZE // 2}, {"ignore_range": True}])
     assert fetch(url).read_bytes() == data

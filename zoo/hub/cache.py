@@ -72,7 +72,9 @@ def _rel(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, on_wait: Optional[Callable[[], None]] = None, blocking: bool = True) -> Iterator[bool]:
+def file_lock(
+    path: Path, *, on_wait: Optional[Callable[[], None]] = None, blocking: bool = True
+) -> Iterator[bool]:
     """Hold an advisory lock on `path`; yields False if it could not be taken (never for blocking=True)."""
     # Locks only save work: on filesystems where they fail we go on without one.
     lock = FileLock(str(path))

@@ -31,7 +31,7 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
 
     try:
         from numpy._core import multiarray, numeric
-    except ImportError:  # NumPy 1.x
+    except (ImportError, AttributeError):  # NumPy 1.x
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
     table: dict[tuple[str, str], Callable[..., Any]] = {
         ("numpy", "ndarray"): np.ndarray,

@@ -185,7 +185,9 @@ def _open_partial(partial: Path) -> IO[bytes]:
 
 
 def _disk_error(path: Path, e: OSError) -> DownloadError:
-    return DownloadError(f"cannot write {path}: {e.strerror or e}; free disk space or point ZOO_HOME at a writable directory")
+    return DownloadError(
+        f"cannot write {path}: {e.strerror or e}; free disk space or point ZOO_HOME at a writable directory"
+    )
 
 
 def _write(f: IO[bytes], data: bytes, partial: Path) -> None:
@@ -209,7 +211,9 @@ def _copy_local(src: Path, partial: Path, progress: _Progress, url: str, mirrore
     try:
         fsrc = open(src, "rb")
     except FileNotFoundError:
-        hint = "check ZOO_MIRROR (the mirror must have the same layout below detectron2/)" if mirrored else "check the URL"
+        hint = "check the URL"
+        if mirrored:
+            hint = "check ZOO_MIRROR (the mirror must have the same layout below detectron2/)"
         raise DownloadError(f"{src} does not exist (needed for {url}); {hint}") from None
     except OSError as e:
         raise DownloadError(f"cannot read {src}: {e.strerror or e}; check the path and its permissions") from None
@@ -247,6 +251,11 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
     read_timeout = _env_number("ZOO_TIMEOUT", 60.0)
     try:
         r = session.get(src, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, read_timeout))
+    except requests.exceptions.SSLError as e:  # a bad certificate does not heal by retrying
+        raise DownloadError(
+            f"TLS error for {src} ({e}); check the system clock and CA certificates (REQUESTS_CA_BUNDLE) "
+            f"or use ZOO_MIRROR"
+        ) from None
     except (requests.ConnectionError, requests.Timeout) as e:
         raise _Retry(f"cannot connect: {e}") from None
     except requests.RequestException as e:
@@ -272,8 +281,8 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
             length = r.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         else:
-            where = " and ZOO_MIRROR" if mirrored else ""
-            raise DownloadError(f"HTTP {status} {r.reason} for {src}; check the URL{where} (not retried)")
+            where = f" (ZOO_MIRROR for {url}); check ZOO_MIRROR" if mirrored else "; check the URL"
+            raise DownloadError(f"HTTP {status} {r.reason} for {src}{where} (not retried)")
         progress.start(total, start)
         pos = start
         with _open_partial(partial) as f:
@@ -286,7 +295,8 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
                     break
                 except _NETWORK_ERRORS as e:
                     f.flush()
-                    raise _Retry(f"connection lost after {pos} bytes ({type(e).__name__})", progressed=pos > start) from None
+                    reason = f"connection lost after {pos} bytes ({type(e).__name__})"
+                    raise _Retry(reason, progressed=pos > start) from None
                 _write(f, block, partial)
                 pos += len(block)
                 progress.update(len(block))
@@ -405,7 +415,8 @@ def _publish(partial: Path, final: Path, url: str, sha256: Optional[str], total:
         if pinned:
             raise IntegrityError(
                 f"downloaded {final.name} has sha256 {actual}, but the local pin expects {expected}; moved it to {q}; "
-                f"{source} now serves a different file: if you trust it, forget the pin (zoo cache rm) and download again"
+                f"{source} now serves a different file: if you trust it, forget the pin (zoo cache rm) "
+                f"and download again"
             )
         raise IntegrityError(
             f"downloaded {final.name} has sha256 {actual}, expected {expected}; moved it to {q}; "
@@ -465,7 +476,9 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
         hit = _check_cached(final, url, sha256)
         if hit is not None:
             return hit
-    raise DownloadError(f"{final} kept changing while it was downloaded (several processes without working file locks?); run again")
+    raise DownloadError(
+        f"{final} kept changing while it was downloaded (several processes without working file locks?); run again"
+    )
 
 
 def verify(url: str, sha256: Optional[str] = None) -> Status:

@@ -55,6 +55,24 @@ def test_http_mirror_fills_the_canonical_cache_slot(server, hub_env, monkeypatch
     assert [r.path for r in server.requests()] == [path]
 
 
+def test_http_mirror_missing_file_names_the_mirror(server, hub_env, monkeypatch):
+    monkeypatch.setenv("ZOO_MIRROR", server.base + "/m")
+    url = CANON + "COCO-Detection/x/1/model_final_abcdef.pkl"
+    with pytest.raises(DownloadError, match="HTTP 404") as ei:
+        fetch(url)
+    assert "ZOO_MIRROR" in str(ei.value) and url in str(ei.value)
+    assert [r.path for r in server.requests()] == ["/m/COCO-Detection/x/1/model_final_abcdef.pkl"]
+
+
+def test_file_url_without_mirror(tmp_path, hub_env):
+    data, name = make_blob(5_000, 10)
+    src = tmp_path / "src" / name
+    src.parent.mkdir()
+    src.write_bytes(data)
+    got = fetch(src.as_uri())
+    assert got == hub_env.joinpath(*src.parts[1:]) and got.read_bytes() == data
+
+
 def test_dropped_connection_resumes_with_range(server, hub_env):
     data, path, url = serve(server, faults=[{"drop_after": SIZE // 3}, {"drop_after": SIZE // 3}])
     assert fetch(url).read_bytes() == data

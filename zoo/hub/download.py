@@ -382,6 +382,15 @@ def _pin_quietly(rel: str, sha: str) -> None:
         print(f"zoo: warning: cannot record the pin for {rel} ({e.strerror or e}); it will be retried", file=sys.stderr)
 
 
+def _give_back(private: Path, partial: Path) -> None:
+    """Return a privately renamed partial to the shared name, unless a newer one took it."""
+    try:
+        os.link(private, partial)  # unlike rename, fails instead of overwriting
+    except OSError:
+        pass
+    private.unlink(missing_ok=True)
+
+
 def _publish(partial: Path, final: Path, url: str, sha256: Optional[str], total: int, mirrored: bool) -> bool:
     """Verify the finished partial and move it to `final`; False if it was not ours to publish."""
     # Rename first: whatever we verify is then exactly what we publish, even without locks.
@@ -391,18 +400,18 @@ def _publish(partial: Path, final: Path, url: str, sha256: Optional[str], total:
     except FileNotFoundError:
         return False  # another process published it
     if _size(private) != total:  # someone else's newer partial (only possible without locks)
-        try:
-            os.link(private, partial)  # give it back unless a newer one exists
-        except OSError:
-            pass
-        private.unlink(missing_ok=True)
+        _give_back(private, partial)
         return False
     rel = cache.relpath_for_url(url)
     pinned = None if sha256 else cache.get_pin(rel)
     expected = sha256 or pinned
     started = cache.now_ns()
     prefix = md5_prefix(final.name)
-    actual, md5 = hash_file(private, md5=prefix is not None)
+    try:
+        actual, md5 = hash_file(private, md5=prefix is not None)
+    except BaseException:  # e.g. Ctrl-C while hashing: keep the bytes for the next run
+        _give_back(private, partial)
+        raise
     source = "the mirror (check ZOO_MIRROR)" if mirrored else "the server"
     if prefix and not md5.startswith(prefix):
         q = _quarantine(private, final)

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .hub.commands import add_commands
 
     add_commands(sub, resolve)
+
+    from .commands_user import add_user_commands
+
+    add_user_commands(sub)
     return p
 
 

@@ -1,0 +1,112 @@
+"""zoo.evaluation and `zoo eval`: COCO AP on a small dataset whose ground truth is Detectron2's own output."""
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from user_support import IMAGES, fixture_record, synth_checkpoint, zoo_cmd
+from zoo.errors import InputError, ZooError
+from zoo.evaluation import evaluate, format_report, load_annotations, require_pycocotools
+from zoo.registry import get_manifest
+from zoo.results import COCO_CATEGORIES, COCO_CATEGORY_IDS, Detections
+
+mask_util = pytest.importorskip("pycocotools.mask")
+
+MODEL = "mask_rcnn_R_50_FPN_1x"
+STEMS = ("grace_hopper", "scene_427x640", "wide_300x1400")
+GT_SCORE = 0.3  # Detectron2 instances at least this confident become the ground truth
+
+
+def build_dataset(root, name=MODEL):
+    """COCO instances JSON + image folder; ground truth = Detectron2's confident detections on synthetic weights."""
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    images, anns = [], []
+    for image_id, stem in enumerate(STEMS, start=1):
+        rec = fixture_record(name, stem)
+        (images_dir / f"{stem}.png").symlink_to(IMAGES / f"{stem}.png")
+        h, w = rec["input"]["height"], rec["input"]["width"]
+        images.append({"id": image_id, "file_name": f"{stem}.png", "height": h, "width": w})
+        inst = rec["instances"]
+        rles = inst.get("masks_rle") or [None] * len(inst["scores"])
+        for (x1, y1, x2, y2), score, cls, rle in zip(inst["boxes"], inst["scores"], inst["classes"], rles):
+            if score < GT_SCORE:
+                continue
+            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[cls],
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            if rle is not None:
+                ann["segmentation"] = rle
+                ann["area"] = float(mask_util.area({"size": rle["size"], "counts": rle["counts"].encode()}))
+            anns.append(ann)
+    ann_path = root / "instances.json"
+    categories = [{"id": i, "name": n, "supercategory": ""} for i, n in COCO_CATEGORIES]
+    ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    assert len(anns) > 30
+    return ann_path, images_dir
+
+
+class RecordedModel:
+    """Stands in for a network: replays Detectron2's recorded detections for each fixture image."""
+
+    manifest = get_manifest(MODEL)
+
+    def predict(self, path):
+        rec = fixture_record(MODEL, path.stem)
+        inst = rec["instances"]
+        masks = torch.stack([torch.from_numpy(mask_util.decode(
+            {"size": r["size"], "counts": r["counts"].encode()})) for r in inst["masks_rle"]]).bool()
+        return Detections(torch.tensor(inst["boxes"]), torch.tensor(inst["scores"]), torch.tensor(inst["classes"]),
+                          masks, (rec["input"]["height"], rec["input"]["width"]))
+
+
+def test_recorded_detections_score_100_ap(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    result = evaluate(RecordedModel(), ann, images, quiet=True)
+    assert result.image_ids == [1, 2, 3]
+    assert set(result.stats) == {"bbox", "segm"}
+    assert result.stats["bbox"][0] == pytest.approx(1.0) and result.stats["segm"][0] == pytest.approx(1.0)
+    report = format_report(result, RecordedModel.manifest)
+    assert report.count("Average Precision") == 12 and report.count("Average Recall") == 12
+    assert "bbox AP 100.0   published 38.6" in report and "segm AP 100.0   published 35.2" in report
+
+
+def test_limit_evaluates_only_the_first_images(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    result = evaluate(RecordedModel(), ann, images, limit=1, quiet=True)
+    assert result.image_ids == [1] and {r["image_id"] for r in result.results} == {1}
+    assert result.stats["bbox"][0] == pytest.approx(1.0)
+
+
+def test_bad_inputs_say_what_to_do(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        load_annotations(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{\"images\": []}")
+    with pytest.raises(InputError, match="not COCO instances JSON"):
+        load_annotations(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="--images"):
+        evaluate(RecordedModel(), ann, tmp_path / "elsewhere", quiet=True)
+
+
+def test_missing_pycocotools_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)  # import now fails as if not installed
+    with pytest.raises(ZooError, match=r"pip install 'detzoo\[coco\]'"):
+        require_pycocotools()
+
+
+def test_cli_eval_with_the_same_synthetic_weights_scores_near_100(tmp_path, tmp_path_factory):
+    ann, images = build_dataset(tmp_path)
+    ckpt = synth_checkpoint(tmp_path_factory, MODEL)
+    out = tmp_path / "out" / "results.json"
+    r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--weights", str(ckpt),
+                "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Average Precision") == 12  # 6 AP lines each for bbox and segm
+    aps = {t: float(v) for t, v in re.findall(r"^(bbox|segm) AP ([\d.]+)   published", r.stdout, re.M)}
+    assert aps["bbox"] >= 90 and aps["segm"] >= 90, r.stdout
+    assert "published 38.6" in r.stdout and "published 35.2" in r.stdout
+    results = json.loads(out.read_text())
+    assert {x["image_id"] for x in results} == {1, 2, 3}
+    assert all(x["category_id"] in COCO_CATEGORY_IDS and "segmentation" in x for x in results)

@@ -1,0 +1,238 @@
+"""`zoo predict`, `zoo eval` and `zoo bench`: the commands that run a network."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BENCH_IMAGE = Path(__file__).resolve().parent / "assets" / "grace_hopper.jpg"
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Image files named on the command line; folders contribute their images (not recursive), sorted."""
+    from PIL import Image, UnidentifiedImageError
+
+    found: list[Path] = []
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise InputError(f"folder {raw!r} holds no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images; "
+                                 "pass image files or a folder of images")
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise InputError(f"image {raw!r} does not exist; pass image files or folders of images")
+    # Reading headers now fails fast on a non-image, before the model loads.
+    for p in found:
+        try:
+            with Image.open(p):
+                pass
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot read {str(p)!r} as an image ({type(e).__name__}); "
+                             "pass JPEG/PNG/BMP/WebP files") from None
+    return found
+
+
+def load_model(name: str, weights: Optional[str], device: str, *, synthetic: bool = False) -> Any:
+    """zoo.get with cheap checks first: an unknown name or absent CUDA fail before anything heavy."""
+    from .api import get, resolve_device
+    from .registry import get_manifest
+
+    get_manifest(name)
+    dev = resolve_device(device)
+    return get(name, pretrained=weights is None and not synthetic, weights=weights, device=dev)
+
+
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    # Same stem in two folders: keep both pictures by numbering the later ones.
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        out.append(f"{p.stem}.png" if n == 0 else f"{p.stem}_{n}.png")
+    return out
+
+
+def _describe(det: Any) -> str:
+    if len(det) == 0:
+        return "no instances"
+    parts = [f"{c} {s * 100:.0f}%" for c, s in zip(det.class_names, det.scores.tolist())]
+    return f"{len(det)} instance{'s' if len(det) != 1 else ''}: " + ", ".join(parts)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Draw detections on each image and write one COCO results file for all of them."""
+    from tqdm import tqdm
+
+    from .hub.download import _is_quiet
+    from .modeling.transforms import to_rgb_array
+    from .registry import get_manifest
+    from .viz import draw
+
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise InputError(f"--score-thresh must be between 0 and 1, got {args.score_thresh}")
+    manifest = get_manifest(args.name)
+    paths = collect_images(args.images)
+    if manifest.task == "instance_segmentation":
+        from .evaluation import require_pycocotools
+
+        require_pycocotools()  # RLE masks in results.json; fail before the slow part
+    model = load_model(args.name, args.weights, args.device)
+    out_dir = Path(args.out).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    records: list[dict] = []
+    names = _output_names(paths)
+    bar = tqdm(list(zip(paths, names)), desc="predict", unit="im", disable=_is_quiet(None) or len(paths) < 2)
+    for image_id, (path, out_name) in enumerate(bar, start=1):
+        rgb = to_rgb_array(path)
+        det = model.predict(rgb).filter(args.score_thresh)
+        draw(rgb, det, score_thresh=args.score_thresh).save(out_dir / out_name)
+        for rec in det.to_coco(image_id):
+            rec["file_name"] = path.name
+            records.append(rec)
+        bar.write(f"{path}: {_describe(det)}")
+    (out_dir / "results.json").write_text(json.dumps(records), encoding="utf-8")
+    print(f"wrote {len(paths)} picture{'s' if len(paths) != 1 else ''} and results.json "
+          f"({len(records)} instances) to {out_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """COCO-evaluate a model on a COCO-format dataset and compare with the published AP."""
+    from .evaluation import evaluate, format_report, load_annotations, require_pycocotools
+    from .registry import get_manifest
+
+    require_pycocotools()
+    manifest = get_manifest(args.name)
+    coco = load_annotations(args.annotations)  # a bad file fails before the model loads
+    model = load_model(args.name, args.weights, args.device)
+    result = evaluate(model, coco, args.images, limit=args.limit)
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.results), encoding="utf-8")
+    n = len(result.image_ids)
+    print(f"{manifest.name} on {n} image{'s' if n != 1 else ''} of {args.annotations}\n")
+    print(format_report(result, manifest))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _peak_memory(device: Any) -> str:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (torch.cuda.max_memory_allocated)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+    return f"{rss_bytes / 2**20:.0f} MiB (process peak RSS, includes loading)"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Median seconds per image after warm-up, and peak memory, beside the published V100 time."""
+    import contextlib
+    import statistics
+    import time
+
+    import torch
+
+    from .modeling.transforms import resized_size, to_rgb_array
+    from .registry import get_manifest
+
+    manifest = get_manifest(args.name)
+    model = load_model(args.name, args.weights, args.device, synthetic=args.synthetic)
+    dev = model.device
+    on_gpu = dev.type == "cuda"
+    iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    if args.batch < 1 or iters < 1 or warmup < 0:
+        raise InputError("--batch and --iters must be at least 1 and --warmup at least 0")
+    image_path = Path(args.image).expanduser() if args.image else BENCH_IMAGE
+    rgb = to_rgb_array(image_path)
+    batch = [rgb] * args.batch
+
+    amp = contextlib.nullcontext()
+    if args.amp:  # fp16 on CUDA; bf16 is what CPU autocast supports
+        amp = torch.autocast(dev.type, dtype=torch.float16 if on_gpu else torch.bfloat16)
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    with amp:
+        for _ in range(warmup):
+            model.predict(batch)
+        sync()
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model.predict(batch)
+            sync()
+            times.append((time.perf_counter() - t0) / args.batch)
+
+    arch_in = manifest.architecture.input
+    h, w = rgb.shape[:2]
+    rh, rw = resized_size(h, w, arch_in.min_size_test, arch_in.max_size_test)
+    where = torch.cuda.get_device_name(dev) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    weights = "synthetic (random)" if args.synthetic else (args.weights or "released")
+    median = statistics.median(times)
+    print("\n".join([
+        f"model      {manifest.name} (weights: {weights})",
+        f"device     {dev} ({where}), torch {torch.__version__}, {'AMP' if args.amp else 'fp32'}",
+        f"input      {image_path.name} {w}x{h} resized to {rw}x{rh}, batch {args.batch}",
+        f"time       {median:.4f} s/im median of {iters} (min {min(times):.4f}, max {max(times):.4f}), "
+        f"after {warmup} warm-up",
+        f"published  {manifest.metrics.inference_time_s_per_im:.3f} s/im ({manifest.provenance.speed_measured_on})",
+        f"peak mem   {_peak_memory(dev)}",
+    ]))
+    return 0
+
+
+def add_user_commands(sub: Any) -> None:
+    """Register predict, eval and bench on the `zoo` subparsers."""
+    device_help = "auto (CUDA when present), cpu or cuda[:N]"
+
+    p = sub.add_parser("predict", help="detect objects in images; write annotated pictures and COCO results")
+    p.add_argument("name", help="model name, e.g. mask_rcnn_R_50_FPN_3x")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances scoring at least this")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="COCO AP of a model on a COCO-format dataset (needs pycocotools)")
+    p.add_argument("name")
+    p.add_argument("--annotations", required=True, help="COCO instances JSON")
+    p.add_argument("--images", required=True, help="folder holding the images the annotations name")
+    p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images (by id)")
+    p.add_argument("--out", default="results.json", help="where to save the COCO results (default: ./results.json)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="inference speed and peak memory, beside the published V100 time")
+    p.add_argument("name")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    p.add_argument("--iters", type=int, help="timed iterations (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--image", help="image to time on (default: a bundled 600x512 photo)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
+    w.add_argument("--synthetic", action="store_true", help="random weights: no download, timing only")
+    p.set_defaults(func=cmd_bench)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import InputError
+from .errors import InputError, ZooError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BENCH_IMAGE = Path(__file__).resolve().parent / "assets" / "grace_hopper.jpg"
@@ -151,15 +151,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .registry import get_manifest
 
     manifest = get_manifest(args.name)
+    if args.batch < 1 or (args.iters is not None and args.iters < 1) or (args.warmup or 0) < 0:
+        raise InputError("--batch and --iters must be at least 1 and --warmup at least 0")
+    image_path = Path(args.image).expanduser() if args.image else BENCH_IMAGE
+    rgb = to_rgb_array(image_path)
     model = load_model(args.name, args.weights, args.device, synthetic=args.synthetic)
     dev = model.device
     on_gpu = dev.type == "cuda"
     iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
-    if args.batch < 1 or iters < 1 or warmup < 0:
-        raise InputError("--batch and --iters must be at least 1 and --warmup at least 0")
-    image_path = Path(args.image).expanduser() if args.image else BENCH_IMAGE
-    rgb = to_rgb_array(image_path)
     batch = [rgb] * args.batch
 
     amp = contextlib.nullcontext()
@@ -173,15 +173,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    with amp:
-        for _ in range(warmup):
-            model.predict(batch)
-        sync()
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            model.predict(batch)
+    try:
+        with amp:
+            for _ in range(warmup):
+                model.predict(batch)
             sync()
-            times.append((time.perf_counter() - t0) / args.batch)
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                model.predict(batch)
+                sync()
+                times.append((time.perf_counter() - t0) / args.batch)
+    except RuntimeError as e:
+        if not args.amp:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ZooError(f"the network failed under --amp ({first}); run without --amp") from None
 
     arch_in = manifest.architecture.input
     h, w = rgb.shape[:2]

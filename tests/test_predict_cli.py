@@ -1,0 +1,114 @@
+"""`zoo predict` run as a real process: pictures, COCO results, and the errors a user meets."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from user_support import IMAGES, mirror_with, small_manifest, synth_checkpoint, write_manifest_dir, zoo_cmd
+from zoo.results import COCO_CATEGORY_IDS
+
+BASE = "mask_rcnn_R_50_FPN_1x"
+
+
+def assert_one_line_error(r, *needles):
+    """Exit status 1 and exactly one `zoo: error:` line on stderr that mentions every needle."""
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_env(tmp_path_factory):
+    """A small-input Mask R-CNN whose synthetic checkpoint is served from a ZOO_MIRROR folder."""
+    root = tmp_path_factory.mktemp("predict_env")
+    ckpt = synth_checkpoint(tmp_path_factory, BASE)
+    m = small_manifest(BASE, ckpt)
+    env = {
+        "ZOO_MANIFEST_PATH": str(write_manifest_dir(root / "manifests", m)),
+        "ZOO_MIRROR": str(mirror_with(root / "mirror", m, ckpt)),
+        "ZOO_HOME": str(root / "cache"),
+    }
+    return m["name"], env
+
+
+def test_predict_folder_writes_pictures_and_coco_results(tmp_path, small_env):
+    name, env = small_env
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(IMAGES / "wide_300x1400.png", folder / "wide.png")
+    Image.open(IMAGES / "grace_hopper.png").convert("RGB").save(folder / "hopper.JPG", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    # ZOO_QUIET unset: the progress bar must still stay quiet because stderr is not a terminal.
+    r = zoo_cmd("predict", name, str(folder), "--out", str(out), "--score-thresh", "0.3", "--device", "auto",
+                env={**env, "ZOO_QUIET": ""})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert sorted(p.name for p in out.iterdir()) == ["hopper.png", "results.json", "wide.png"]
+    for src, pic in ((folder / "hopper.JPG", "hopper.png"), (folder / "wide.png", "wide.png")):
+        a = np.asarray(Image.open(src).convert("RGB")).astype(int)
+        b = np.asarray(Image.open(out / pic).convert("RGB")).astype(int)
+        assert a.shape == b.shape and (np.abs(a - b).sum(axis=2) > 0).any()
+    results = json.loads((out / "results.json").read_text())
+    assert results, r.stdout
+    mask_util = pytest.importorskip("pycocotools.mask")
+    sizes = {1: (600, 512), 2: (300, 1400)}  # ids follow the sorted folder listing
+    assert {x["image_id"] for x in results} <= set(sizes)
+    for x in results:
+        assert x["category_id"] in COCO_CATEGORY_IDS and x["score"] >= 0.3
+        bx, by, bw, bh = x["bbox"]
+        assert bw > 0 and bh > 0
+        rle = x["segmentation"]
+        assert tuple(rle["size"]) == sizes[x["image_id"]]
+        assert mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()}).any()
+    assert "wrote 2 pictures and results.json" in r.stdout
+
+
+def test_unknown_model_suggests_close_names(tmp_path):
+    r = zoo_cmd("predict", "mask_rcnn_R50_FPN_3x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path))
+    assert_one_line_error(r, "unknown model", "did you mean", "mask_rcnn_R_50_FPN_3x")
+
+
+def test_unreadable_image(tmp_path):
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(bad), "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "cannot read", "photo.jpg")
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(tmp_path / "nope.png"))
+    assert_one_line_error(r, "does not exist")
+
+
+def test_offline_with_nothing_cached_says_how_to_fix(tmp_path):
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path),
+                env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "empty_cache")})
+    assert_one_line_error(r, "ZOO_OFFLINE")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_asked_for_but_absent(tmp_path):
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--device", "cuda")
+    assert_one_line_error(r, "CUDA is not available")
+
+
+def test_corrupt_checkpoint_file(tmp_path):
+    bad = tmp_path / "model_final.pkl"
+    bad.write_bytes(b"\x80\x04garbage that is not a pickle")
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--weights", str(bad),
+                "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "model_final.pkl")
+
+
+def test_corrupt_download_from_mirror(tmp_path):
+    m = small_manifest("faster_rcnn_R_50_FPN_1x")  # its URL names MD5 prefix 000000
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(b"truncated download" * 100)
+    env = {"ZOO_MANIFEST_PATH": str(write_manifest_dir(tmp_path / "manifests", m)),
+           "ZOO_MIRROR": str(mirror_with(tmp_path / "mirror", m, junk)), "ZOO_HOME": str(tmp_path / "cache")}
+    r = zoo_cmd("predict", m["name"], str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path / "out"), env=env)
+    assert_one_line_error(r)
+    assert "md5" in r.stderr.lower() or "corrupt" in r.stderr.lower()

@@ -124,11 +124,16 @@ class GeneralizedRCNN(nn.Module):
         images = [image] if single else list(image)
         if not images:
             raise InputError("predict got an empty list; pass an image or a non-empty list of images")
+        from ..results import Detections
+
         if self.training:
             self.eval()
         with torch.inference_mode():
             batch = self.preprocess(images)
             dets = self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
+        # plain tensors, so callers may modify results in place outside inference mode
+        dets = [Detections(d.boxes.clone(), d.scores.clone(), d.labels.clone(),
+                           None if d.masks is None else d.masks.clone(), d.image_size) for d in dets]
         return dets[0] if single else dets
 
 

@@ -25,8 +25,12 @@ def _paste_region(masks: torch.Tensor, boxes: torch.Tensor, y0: int, y1: int, x0
 
 
 def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
-                         threshold: float = 0.5) -> torch.Tensor:
-    """Paste [N, M, M] probabilities into boxes of an (H, W) image -> bool [N, H, W] (value >= threshold)."""
+                         threshold: float = 0.5, batched: bool | None = None) -> torch.Tensor:
+    """Paste [N, M, M] probabilities into boxes of an (H, W) image -> bool [N, H, W] (value >= threshold).
+
+    `batched` (default: on GPU) samples whole images per chunk instead of one box region at a time;
+    both give the same pixels.
+    """
     n = masks.shape[0]
     h, w = int(image_size[0]), int(image_size[1])
     out = torch.zeros((n, h, w), dtype=torch.bool, device=masks.device)
@@ -39,7 +43,9 @@ def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
     lo = (boxes[:, :2].floor() - 1).clamp(min=0).to(torch.int64)
     hi_x = (boxes[:, 2].ceil() + 1).clamp(max=w).to(torch.int64)
     hi_y = (boxes[:, 3].ceil() + 1).clamp(max=h).to(torch.int64)
-    if masks.device.type == "cpu":
+    if batched is None:
+        batched = masks.device.type != "cpu"
+    if not batched:
         lo_l, hx_l, hy_l = lo.tolist(), hi_x.tolist(), hi_y.tolist()
         for i in range(n):
             (x0, y0), x1, y1 = lo_l[i], hx_l[i], hy_l[i]

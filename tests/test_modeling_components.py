@@ -1,0 +1,157 @@
+"""Unit checks of the pieces: anchors, box decoding, mask pasting, and predict end to end on a small input."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.modeling import build_model, load_weights
+from zoo.modeling.anchors import AnchorGenerator, cell_anchors
+from zoo.modeling.box_coder import Box2BoxTransform, clip_boxes, nonempty
+from zoo.modeling.mask_paste import paste_masks_in_image, rescale_boxes
+from zoo.results import Detections
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_weights import synth_state_dict  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_cell_anchors_values_and_order():
+    a = cell_anchors([32, 64], [0.5, 1.0, 2.0])
+    assert a.shape == (6, 4) and a.dtype == torch.float32
+    w = math.sqrt(32 * 32 / 0.5)
+    assert a[0].tolist() == pytest.approx([-w / 2, -0.5 * w / 2, w / 2, 0.5 * w / 2])
+    assert a[4].tolist() == [-32.0, -32.0, 32.0, 32.0]  # size 64, ratio 1
+    # centred at zero, no rounding
+    assert torch.allclose(a[:, :2] + a[:, 2:], torch.zeros(6, 2))
+
+
+def test_grid_anchors_follow_y_x_anchor_order():
+    gen = AnchorGenerator([[32], [64]], [[0.5, 1.0, 2.0]], [4, 8], 0.0)
+    lv = gen.grid_anchors([(3, 5), (2, 3)])
+    assert [x.shape[0] for x in lv] == [3 * 5 * 3, 2 * 3 * 3]
+    base = cell_anchors([64], [0.5, 1.0, 2.0])
+    y, x, k = 1, 2, 1
+    assert torch.equal(lv[1][(y * 3 + x) * 3 + k], base[k] + torch.tensor([x * 8.0, y * 8.0, x * 8.0, y * 8.0]))
+
+
+def test_box_decoding_identity_and_scale_clamp():
+    t = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 4.0, 8.0]])
+    assert torch.allclose(t.apply_deltas(torch.zeros(2, 8), boxes), boxes.repeat(1, 2))
+    big = torch.tensor([[0.0, 0.0, 1e4, 1e4]])
+    out = t.apply_deltas(big, torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    assert out[0, 2] - out[0, 0] == pytest.approx(1000.0, rel=1e-5)  # exp(log(1000/16)) * 16
+    assert out[0, 3] - out[0, 1] == pytest.approx(1000.0, rel=1e-5)
+
+
+def test_clip_and_nonempty_are_strict():
+    b = clip_boxes(torch.tensor([[-5.0, -1.0, 20.0, 30.0], [3.0, 3.0, 3.0, 9.0]]), (10, 12))
+    assert b.tolist() == [[0.0, 0.0, 12.0, 10.0], [3.0, 3.0, 3.0, 9.0]]
+    assert nonempty(b).tolist() == [True, False]
+    assert nonempty(torch.tensor([[0.0, 0.0, 2.0, 2.0]]), 2.0).tolist() == [False]
+
+
+def test_rescale_boxes_to_original():
+    b = rescale_boxes(torch.tensor([[0.0, 0.0, 800.0, 938.0], [100.0, 50.0, 2000.0, 60.0]]), (938, 800), (600, 512))
+    assert b[0].tolist() == pytest.approx([0.0, 0.0, 512.0, 600.0])
+    assert b[1, 2].item() == 512.0  # clipped
+
+
+def _paste_reference(mask: torch.Tensor, box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Whole-image grid_sample for one box, restricted to its region widened by one pixel."""
+    x0, y0, x1, y1 = box.tolist()
+    ys = torch.arange(h, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    gy = (ys - y0) / (y1 - y0) * 2 - 1
+    gx = (xs - x0) / (x1 - x0) * 2 - 1
+    grid = torch.stack([gx[None, :].expand(h, w), gy[:, None].expand(h, w)], dim=2)[None]
+    out = F.grid_sample(mask[None, None], grid, align_corners=False)[0, 0] >= 0.5
+    region = torch.zeros(h, w, dtype=torch.bool)
+    r0, c0 = max(int(math.floor(y0)) - 1, 0), max(int(math.floor(x0)) - 1, 0)
+    region[r0:min(int(math.ceil(y1)) + 1, h), c0:min(int(math.ceil(x1)) + 1, w)] = True
+    return out & region
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_paste_masks_matches_reference(batched):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 28, 28, generator=g)
+    masks[0] = 1.0  # a full mask bleeds past its box only within the widened region
+    boxes = torch.tensor([[10.3, 20.7, 130.2, 40.9], [0.0, 0.0, 64.0, 48.0], [50.5, 5.5, 51.5, 6.5],
+                          [-3.0, 30.0, 20.0, 47.0], [60.0, 40.0, 63.9, 47.9]])
+    out = paste_masks_in_image(masks, boxes, (48, 64), 0.5, batched=batched)
+    assert out.dtype == torch.bool and out.shape == (5, 48, 64)
+    for i in range(5):
+        assert torch.equal(out[i], _paste_reference(masks[i], boxes[i], 48, 64)), i
+    assert paste_masks_in_image(masks[:0], boxes[:0], (48, 64)).shape == (0, 48, 64)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """Mask R-CNN R50-FPN with synthetic weights, fed at a reduced test size to keep this fast."""
+    name = "mask_rcnn_R_50_FPN_3x"
+    arch = zoo.get_manifest(name).architecture
+    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": 224,
+                                                                          "max_size_test": 400})})
+    model = build_model(arch)
+    keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+    load_weights(model, synth_state_dict(keys))
+    return model
+
+
+def test_predict_single_and_list(small_model):
+    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(FIXTURES / "images" / "grace_hopper.png")
+                     .convert("RGB"))
+    det = small_model.predict(img)
+    assert isinstance(det, Detections)
+    assert det.image_size == (600, 512)
+    n = len(det)
+    assert 0 < n <= 100
+    assert det.boxes.shape == (n, 4) and det.boxes.dtype == torch.float32
+    assert det.labels.dtype == torch.int64 and int(det.labels.min()) >= 0 and int(det.labels.max()) < 80
+    assert bool((det.scores > 0.05).all()) and bool((det.scores[:-1] >= det.scores[1:]).all())
+    assert bool((det.boxes[:, 0] >= 0).all() and (det.boxes[:, 2] <= 512).all() and (det.boxes[:, 3] <= 600).all())
+    assert det.masks is not None and det.masks.shape == (n, 600, 512) and det.masks.dtype == torch.bool
+    det.boxes += 1  # results are ordinary tensors
+    # a batch of same-sized images gives the same per-image results as single calls
+    flipped = np.ascontiguousarray(img[:, ::-1])
+    both = small_model.predict([img, flipped])
+    assert isinstance(both, list) and len(both) == 2
+    single_flipped = small_model.predict(flipped)
+    torch.testing.assert_close(both[0].boxes, det.boxes - 1, atol=1e-3, rtol=0)
+    torch.testing.assert_close(both[1].scores, single_flipped.scores, atol=1e-4, rtol=0)
+    assert torch.equal(both[1].labels, single_flipped.labels)
+
+
+def test_trace_exposes_intermediates(small_model):
+    tr = small_model.trace(FIXTURES / "images" / "wide_300x1400.png")
+    assert tr.batch.image_sizes == [(86, 400)] and tuple(tr.batch.tensor.shape[-2:]) == (96, 416)
+    assert sorted(tr.features) == ["p2", "p3", "p4", "p5", "p6"]
+    assert tr.features["p2"].shape[-2:] == (24, 104)
+    p = tr.proposals[0]
+    assert p.boxes.shape[1] == 4 and bool((p.objectness_logits[:-1] >= p.objectness_logits[1:]).all())
+    assert len(tr.detections) == 1 and tr.detections[0].image_size == (300, 1400)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(small_model):
+    img = FIXTURES / "images" / "scene_427x640.png"
+    cpu = small_model.predict(img)
+    gpu_model = small_model.to("cuda")
+    try:
+        gpu = gpu_model.predict(img)
+    finally:
+        small_model.to("cpu")
+    assert gpu.boxes.device.type == "cuda"
+    assert abs(len(gpu) - len(cpu)) <= 2
+    k = min(len(gpu), len(cpu), 20)
+    torch.testing.assert_close(gpu.boxes[:k].cpu(), cpu.boxes[:k], atol=0.5, rtol=0)

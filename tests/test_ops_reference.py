@@ -86,13 +86,14 @@ def test_roi_align_empty():
     assert ops.roi_align(f, [], 3, 1.0, 0, True).shape == (0, 5, 3, 3)
 
 
+@pytest.mark.parametrize("method", ["gather", "window"])
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sr", [0, 1, 2])
-def test_roi_align_matches_loop_oracle(aligned, sr):
+def test_roi_align_matches_loop_oracle(aligned, sr, method):
     gen = torch.Generator().manual_seed(10 * sr + aligned)
     f = torch.randn(2, 3, 9, 13, generator=gen, dtype=torch.float64)
     rois = _rand_rois(2, 40, -8.0, 30.0, 20.0, gen)
-    out = ops.roi_align(f, rois, (3, 4), 0.5, sr, aligned)
+    out = reference.roi_align(f, rois, (3, 4), 0.5, sr, aligned, method=method)
     torch.testing.assert_close(out, naive.roi_align(f, rois, (3, 4), 0.5, sr, aligned),
                                rtol=0, atol=1e-12)
 
@@ -110,23 +111,27 @@ def test_roi_align_list_equals_tensor_boxes():
                                ops.roi_align(f, rois, 7, 0.5, 0, True))
 
 
-def test_roi_align_big_grid_chunks_over_samples(monkeypatch):
+@pytest.mark.parametrize("method", ["gather", "window"])
+def test_roi_align_big_grid_chunks_over_samples(monkeypatch, method):
     # Force chunking over sample rows and ROIs; results must not change.
     gen = torch.Generator().manual_seed(4)
     f = torch.randn(1, 3, 30, 30, generator=gen, dtype=torch.float64)
     rois = _rand_rois(1, 12, 0.0, 20.0, 60.0, gen)
-    full = ops.roi_align(f, rois, 2, 1.0, 0, True)
+    full = reference.roi_align(f, rois, 2, 1.0, 0, True, method=method)
     monkeypatch.setattr(reference, "_CHUNK_ELEMS", 64)
-    torch.testing.assert_close(ops.roi_align(f, rois, 2, 1.0, 0, True), full)
+    torch.testing.assert_close(reference.roi_align(f, rois, 2, 1.0, 0, True, method=method),
+                               full)
+    torch.testing.assert_close(full, naive.roi_align(f, rois, 2, 1.0, 0, True))
 
 
-def test_roi_align_gradcheck():
+@pytest.mark.parametrize("method", ["gather", "window"])
+def test_roi_align_gradcheck(method):
     gen = torch.Generator().manual_seed(5)
     f = torch.randn(2, 2, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     rois = _rand_rois(2, 5, -2.0, 10.0, 6.0, gen)
     for sr, al in [(0, True), (2, False)]:
         assert torch.autograd.gradcheck(
-            lambda x: ops.roi_align(x, rois, (2, 3), 0.8, sr, al), (f,))
+            lambda x: reference.roi_align(x, rois, (2, 3), 0.8, sr, al, method=method), (f,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -76,7 +76,7 @@ def _roi_geometry(rois: Tensor, spatial_scale: float, oh: int, ow: int,
     return y1, x1, bh, bw, gh, gw
 
 
-def _axis_taps(start: Tensor, bsz: Tensor, g: int, i0: int, i1: int, n_out: int, size: int):
+def _axis_taps(start: Tensor, bsz: Tensor, g: Union[int, Tensor], i0: int, i1: int, n_out: int, size: int):
     """Bilinear taps along one axis for samples i0..i1-1 of a grid of g per bin.
 
     Returns low/high pixel indices and their weights, shape [K, n_out, i1-i0];
@@ -100,14 +100,42 @@ def _axis_taps(start: Tensor, bsz: Tensor, g: int, i0: int, i1: int, n_out: int,
     return lo, hi, h * m, l * m
 
 
+class _Scratch:
+    """Reusable flat buffers for no-grad calls: fresh large allocations page-fault."""
+
+    def __init__(self, like: Tensor, enabled: bool):
+        self.like = like
+        self.enabled = enabled
+        self.bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+        """A view of buffer `name` with `shape`, or None when disabled."""
+        if not self.enabled:
+            return None
+        n = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.like.new_empty((n,))
+            self.bufs[name] = buf
+        return buf[:n].view(shape)
+
+    def index_select(self, name: str, src: Tensor, idx: Tensor) -> Tensor:
+        out = self.get(name, (idx.numel(), src.shape[1]))
+        return src.index_select(0, idx) if out is None else torch.index_select(src, 0, idx, out=out)
+
+    def bmm(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        out = self.get(name, (a.shape[0], a.shape[1], b.shape[2]))
+        return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
+
+
 def _roi_align_group(flat: Tensor, rois: Tensor, H: int, W: int, spatial_scale: float,
-                     oh: int, ow: int, gh: int, gw: int, aligned: bool) -> Tensor:
-    """ROIAlign for ROIs sharing one sampling grid (gh, gw); flat is [N*H*W, C]."""
+                     oh: int, ow: int, gh: int, gw: int, aligned: bool,
+                     scratch: _Scratch) -> Tensor:
+    """ROIAlign [K, oh, ow, C] for ROIs sharing one grid (gh, gw); flat is [N*H*W, C]."""
     K = rois.shape[0]
     C = flat.shape[1]
-    dt = flat.dtype
     if gh == 0 or gw == 0:
-        return flat.new_zeros((K, C, oh, ow))
+        return flat.new_zeros((K, oh, ow, C))
     y1, x1, bh, bw, _, _ = _roi_geometry(rois, spatial_scale, oh, ow, 1, aligned)
     base = rois[:, 0].long() * (H * W)
     xlo, xhi, wxl, wxh = _axis_taps(x1, bw, gw, 0, gw, ow, W)
@@ -124,18 +152,142 @@ def _roi_align_group(flat: Tensor, rois: Tensor, H: int, W: int, spatial_scale: 
         Y = torch.stack([ylo, yhi], -1).reshape(K, oh, 1, 2 * n, 1)
         WY = torch.stack([wyl, wyh], -1).reshape(K, oh, 1, 2 * n, 1)
         idx = (base[:, None, None, None, None] + Y * W + X).reshape(-1)
-        wt = (WY * WX).reshape(K * oh * ow, 1, 4 * n * gw)
-        vals = flat.index_select(0, idx).reshape(K * oh * ow, 4 * n * gw, C)
+        # Fold the 1/count average into the weights.
+        wt = (WY * WX).reshape(K * oh * ow, 1, 4 * n * gw) / float(gh * gw)
+        vals = scratch.index_select("vals", flat, idx).view(K * oh * ow, 4 * n * gw, C)
         part = torch.bmm(wt, vals)
         acc = part if acc is None else acc + part
-    out = acc.reshape(K, oh, ow, C).permute(0, 3, 1, 2)
-    return out / float(gh * gw)
+    return acc.view(K, oh, ow, C)
+
+
+def _interp_matrix(start: Tensor, bsz: Tensor, g: Tensor, n_out: int, size: int) -> Tensor:
+    """Dense [K, n_out, size] matrix averaging one axis' bilinear taps over each bin.
+
+    ROIAlign is separable: out = AY @ F @ AX^T with AY/AX from this function, since
+    both the bilinear weights and the in-range test factor per axis.
+    """
+    K = start.shape[0]
+    dt = start.dtype
+    mat = torch.zeros(K, n_out, size, dtype=dt, device=start.device)
+    gmax = int(g.max()) if K else 0
+    inv_g = 1.0 / g.clamp(min=1).to(dt)
+    step = max(1, _CHUNK_ELEMS // max(K * n_out * 2, 1))
+    for i0 in range(0, gmax, step):
+        i1 = min(gmax, i0 + step)
+        lo, hi, wl, wh = _axis_taps(start, bsz, g.clamp(min=1).to(dt)[:, None, None],
+                                    i0, i1, n_out, size)
+        on = (torch.arange(i0, i1, device=start.device)[None, None, :] < g[:, None, None])
+        scale = on.to(dt) * inv_g[:, None, None]
+        mat.scatter_add_(2, lo.reshape(K, n_out, -1), (wl * scale).reshape(K, n_out, -1))
+        mat.scatter_add_(2, hi.reshape(K, n_out, -1), (wh * scale).reshape(K, n_out, -1))
+    return mat
+
+
+def _nonzero_span(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """First index and length of the nonzero column span of each [n_out, size] matrix."""
+    nz = (mat != 0).any(1)
+    size = nz.shape[1]
+    first = nz.to(torch.uint8).argmax(1)
+    last = size - 1 - nz.flip(1).to(torch.uint8).argmax(1)
+    length = torch.where(nz.any(1), last - first + 1, torch.zeros_like(first))
+    return first, length
+
+
+def _roi_align_window(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int, ow: int,
+                      sampling_ratio: int, aligned: bool, scratch: _Scratch) -> Tensor:
+    """ROIAlign as AY @ window @ AX^T per ROI: one read per window pixel, then matmuls."""
+    N, C, H, W = feat.shape
+    K = rois.shape[0]
+    dev = feat.device
+    y1, x1, bh, bw, gh, gw = _roi_geometry(rois, spatial_scale, oh, ow, sampling_ratio, aligned)
+    ay = _interp_matrix(y1, bh, gh, oh, H)  # [K, oh, H]
+    ax = _interp_matrix(x1, bw, gw, ow, W)  # [K, ow, W]
+    ys, yl = _nonzero_span(ay)
+    xs, xl = _nonzero_span(ax)
+    flat = feat.permute(0, 2, 3, 1).reshape(N * H * W, C)
+    base = rois[:, 0].long() * (H * W)
+    # Batch ROIs of similar window size; each batch pads to its largest window.
+    order = torch.sort(torch.maximum(yl, xl) * (W + 1) + torch.minimum(yl, xl), stable=True).indices
+    yl_s, xl_s = yl[order].tolist(), xl[order].tolist()
+    out = feat.new_zeros((K, C, oh, ow))
+    s = 0
+    while s < K:
+        e = s
+        rmax = wmax = 0
+        while e < K:  # grow the batch while the padded size stays within budget
+            r, w = max(rmax, yl_s[e]), max(wmax, xl_s[e])
+            if e > s and (e - s + 1) * max(r * w * C, oh * w * C) > _CHUNK_ELEMS:
+                break
+            rmax, wmax, e = r, w, e + 1
+        idx = order[s:e]
+        s = e
+        k = idx.numel()
+        if rmax == 0 or wmax == 0:
+            continue  # nothing sampled inside the map: output stays 0
+        y0 = torch.minimum(ys[idx], torch.full_like(ys[idx], H - rmax))
+        x0 = torch.minimum(xs[idx], torch.full_like(xs[idx], W - wmax))
+        ry = y0[:, None] + torch.arange(rmax, device=dev)
+        rx = x0[:, None] + torch.arange(wmax, device=dev)
+        pix = base[idx, None, None] + ry[:, :, None] * W + rx[:, None, :]
+        win = scratch.index_select("win", flat, pix.reshape(-1)).view(k, rmax, wmax * C)
+        ayw = ay[idx].gather(2, ry[:, None, :].expand(k, oh, rmax))
+        axw = ax[idx].gather(2, rx[:, None, :].expand(k, ow, wmax))
+        t = scratch.bmm("t", ayw, win).view(k * oh, wmax, C)
+        res = torch.bmm(axw.repeat_interleave(oh, 0), t)  # [k*oh, ow, C]
+        out.index_copy_(0, idx, res.view(k, oh, ow, C).permute(0, 3, 1, 2))
+    return out
+
+
+def _roi_align_gather(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int, ow: int,
+                      gh: Tensor, gw: Tensor, aligned: bool, scratch: _Scratch) -> Tensor:
+    """ROIAlign by gathering every bilinear tap; best when bins hold few samples."""
+    N, C, H, W = feat.shape
+    K = rois.shape[0]
+    flat = feat.permute(0, 2, 3, 1).reshape(N * H * W, C)
+    # Group ROIs by their sampling grid so no sample is padded or masked away.
+    key = gh * (int(gw.max()) + 1) + gw
+    key_sorted, order = torch.sort(key, stable=True)
+    _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+    gh_s = gh[order].tolist()
+    gw_s = gw[order].tolist()
+    out = feat.new_zeros((K, C, oh, ow))
+    start = 0
+    for cnt in counts.tolist():
+        g_h, g_w = gh_s[start], gw_s[start]
+        if g_h > 0 and g_w > 0:
+            step = max(1, _CHUNK_ELEMS // (oh * ow * 4 * g_h * g_w * C))
+            for s in range(start, start + cnt, step):
+                idx = order[s:min(s + step, start + cnt)]
+                res = _roi_align_group(flat, rois[idx], H, W, spatial_scale, oh, ow,
+                                       g_h, g_w, aligned, scratch)
+                out.index_copy_(0, idx, res.permute(0, 3, 1, 2))
+        start += cnt
+    return out
+
+
+# A gathered element costs about this many matmul flops on CPU (memory-bound).
+_GATHER_VS_FLOP = 16.0
+
+
+def _pick_method(rois: Tensor, spatial_scale: float, oh: int, ow: int, gh: Tensor,
+                 gw: Tensor, H: int, W: int) -> str:
+    """Estimate both methods' cost from ROI sizes; windows win unless bins are sparse."""
+    rw = ((rois[:, 3] - rois[:, 1]) * spatial_scale).abs().nan_to_num(0.0).clamp(max=W) + 2
+    rh = ((rois[:, 4] - rois[:, 2]) * spatial_scale).abs().nan_to_num(0.0).clamp(max=H) + 2
+    taps = float((gh * gw).clamp(min=1).sum()) * 4 * oh * ow
+    win = float((rw * rh).sum())
+    flops = 2.0 * float((oh * rh * rw + oh * ow * rw).sum())
+    return "window" if win + flops / _GATHER_VS_FLOP < taps else "gather"
 
 
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1,
-              aligned: bool = False) -> Tensor:
-    """ROIAlign with torchvision/Detectron2 semantics, vectorised over boxes."""
+              aligned: bool = False, method: str = "auto") -> Tensor:
+    """ROIAlign with torchvision/Detectron2 semantics, vectorised over boxes.
+
+    method: "gather" (one gather per bilinear tap), "window" (gather each ROI's pixel
+    window once, then two small matmuls) or "auto" (cheaper one by a cost model).
+    """
     if input.dim() != 4:
         raise ValueError(f"input must be [N,C,H,W], got {tuple(input.shape)}")
     oh, ow = _pair(output_size)
@@ -146,29 +298,19 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[
         return input.new_zeros((K, C, oh, ow))
     acc = acc_dtype(input.dtype)
     rois = rois.to(device=input.device, dtype=acc)
-    flat = input.to(acc).permute(0, 2, 3, 1).reshape(N * H * W, C)
+    feat = input.to(acc)
     _, _, _, _, gh, gw = _roi_geometry(rois, spatial_scale, oh, ow, sampling_ratio, aligned)
-    # Group ROIs by their sampling grid so no sample is padded or masked away.
-    key = gh * (int(gw.max()) + 1) + gw
-    key_sorted, order = torch.sort(key, stable=True)
-    _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
-    gh_s = gh[order].tolist()
-    gw_s = gw[order].tolist()
-    parts = []
-    start = 0
-    for cnt in counts.tolist():
-        g_h, g_w = gh_s[start], gw_s[start]
-        per_roi = oh * ow * 4 * max(g_h * g_w, 1) * C
-        step = max(1, _CHUNK_ELEMS // per_roi)
-        for s in range(start, start + cnt, step):
-            idx = order[s:min(s + step, start + cnt)]
-            parts.append(_roi_align_group(flat, rois[idx], H, W, spatial_scale,
-                                          oh, ow, g_h, g_w, aligned))
-        start += cnt
-    out = torch.cat(parts, 0)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(K, device=order.device)
-    return out.index_select(0, inv).to(input.dtype)
+    if method == "auto":
+        method = _pick_method(rois, spatial_scale, oh, ow, gh, gw, H, W)
+    scratch = _Scratch(feat, not (torch.is_grad_enabled() and feat.requires_grad))
+    if method == "window":
+        out = _roi_align_window(feat, rois, spatial_scale, oh, ow, sampling_ratio, aligned,
+                                scratch)
+    elif method == "gather":
+        out = _roi_align_gather(feat, rois, spatial_scale, oh, ow, gh, gw, aligned, scratch)
+    else:
+        raise ValueError(f"unknown roi_align method {method!r}")
+    return out.to(input.dtype)
 
 
 def box_area(boxes: Tensor) -> Tensor:

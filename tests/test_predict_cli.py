@@ -83,6 +83,12 @@ def test_unreadable_image(tmp_path):
     assert_one_line_error(r, "does not exist")
 
 
+def test_out_must_be_a_folder(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path / "taken"))
+    assert_one_line_error(r, "--out", "is a file")
+
+
 def test_offline_with_nothing_cached_says_how_to_fix(tmp_path):
     r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path),
                 env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "empty_cache")})

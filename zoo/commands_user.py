@@ -86,8 +86,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .evaluation import require_pycocotools
 
         require_pycocotools()  # RLE masks in results.json; fail before the slow part
-    model = load_model(args.name, args.weights, args.device)
     out_dir = Path(args.out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {args.out!r} is a file; pass a folder for the pictures and results.json")
+    model = load_model(args.name, args.weights, args.device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     records: list[dict] = []

@@ -79,9 +79,12 @@ def score_results(coco_gt: Any, results: list[dict], iou_type: str, image_ids: l
     _, COCOeval = require_pycocotools()
     if not results:
         return [0.0] * len(STAT_NAMES), "  (no detections: every AP and AR is 0)\n"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        coco_dt = coco_gt.loadRes(results)
+    # loadRes edits records in place, so it gets copies. For segm the box goes, as in Detectron2's evaluator:
+    # with a box present, pycocotools would take the box area, not the mask area, for the small/medium/large split.
+    drop = {"bbox"} if iou_type == "segm" else set()
+    records = [{k: v for k, v in r.items() if k not in drop} for r in results]
+    with contextlib.redirect_stdout(io.StringIO()):  # progress chatter
+        coco_dt = coco_gt.loadRes(records)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.imgIds = list(image_ids)
         ev.evaluate()

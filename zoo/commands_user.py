@@ -42,23 +42,23 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def load_model(name: str, weights: Optional[str], device: str, *, synthetic: bool = False) -> Any:
-    """zoo.get with cheap checks first: an unknown name or absent CUDA fail before anything heavy."""
-    from .api import get, resolve_device
-    from .registry import get_manifest
+    """zoo.get for the CLI: a local checkpoint, random weights (synthetic) or the released ones."""
+    from .api import get
 
-    get_manifest(name)
-    dev = resolve_device(device)
-    return get(name, pretrained=weights is None and not synthetic, weights=weights, device=dev)
+    return get(name, pretrained=weights is None and not synthetic, weights=weights, device=device)
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
-    # Same stem in two folders: keep both pictures by numbering the later ones.
-    seen: dict[str, int] = {}
+    # Same stem twice (a.jpg and a.png, or two folders): number the later ones so no picture is overwritten.
+    used: set[str] = set()
     out = []
     for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        out.append(f"{p.stem}.png" if n == 0 else f"{p.stem}_{n}.png")
+        name, n = f"{p.stem}.png", 0
+        while name in used:
+            n += 1
+            name = f"{p.stem}_{n}.png"
+        used.add(name)
+        out.append(name)
     return out
 
 

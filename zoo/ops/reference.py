@@ -15,7 +15,7 @@ from torch import Tensor
 BoxesLike = Union[Tensor, Sequence[Tensor]]
 
 # Elements (samples x channels) gathered per chunk; bounds peak memory of roi_align.
-_CHUNK_ELEMS = 1 << 23
+_CHUNK_ELEMS = 1 << 22
 # Block of sorted boxes the greedy NMS scan handles at once.
 _NMS_BLOCK = 256
 
@@ -366,18 +366,52 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
     return out
 
 
-def _iou_gt(a: Tensor, a_area: Tensor, b: Tensor, b_area: Tensor, thr: float) -> Tensor:
-    """[len(a), len(b)] mask of IoU > thr, computed op-by-op like torchvision's CPU loop."""
-    xx1 = torch.maximum(a[:, None, 0], b[None, :, 0])
-    yy1 = torch.maximum(a[:, None, 1], b[None, :, 1])
-    xx2 = torch.minimum(a[:, None, 2], b[None, :, 2])
-    yy2 = torch.minimum(a[:, None, 3], b[None, :, 3])
-    w = (xx2 - xx1).clamp(min=0)
-    h = (yy2 - yy1).clamp(min=0)
-    inter = w * h
-    iou = inter / (a_area[:, None] + b_area[None, :] - inter)
-    # torchvision compares the float IoU with the double threshold.
-    return iou.to(torch.float64) > thr
+def threshold_below(thr: float, dtype: torch.dtype) -> float:
+    """Largest `dtype` value <= thr: for x in dtype, x > thr (in double) iff x > it."""
+    t = torch.tensor(thr, dtype=dtype)
+    if float(t) > thr:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    return float(t)
+
+
+class _IouGt:
+    """IoU > thr masks computed op by op like torchvision's CPU loop, in reused buffers."""
+
+    def __init__(self, thr: float, dtype: torch.dtype, device: torch.device):
+        # torchvision compares the float IoU with the double threshold.
+        self.thr = threshold_below(thr, dtype)
+        self.dtype = dtype
+        self.device = device
+        self.cap = 0
+
+    def _bufs(self, n: int) -> None:
+        if n > self.cap:
+            self.cap = n
+            self.t1, self.t2, self.t3 = (torch.empty(n, dtype=self.dtype, device=self.device)
+                                         for _ in range(3))
+            self.m = torch.empty(n, dtype=torch.bool, device=self.device)
+
+    def __call__(self, a: Tensor, a_area: Tensor, b: Tensor, b_area: Tensor) -> Tensor:
+        """[len(a), len(b)] bool mask (a view into a reused buffer)."""
+        shape = (a.shape[0], b.shape[0])
+        self._bufs(shape[0] * shape[1])
+        n = shape[0] * shape[1]
+        t1, t2, t3 = (t[:n].view(shape) for t in (self.t1, self.t2, self.t3))
+        torch.minimum(a[:, None, 2], b[None, :, 2], out=t1)
+        torch.maximum(a[:, None, 0], b[None, :, 0], out=t2)
+        t1.sub_(t2).clamp_(min=0)  # w
+        torch.minimum(a[:, None, 3], b[None, :, 3], out=t2)
+        torch.maximum(a[:, None, 1], b[None, :, 1], out=t3)
+        t2.sub_(t3).clamp_(min=0)  # h
+        t1.mul_(t2)  # inter
+        torch.add(a_area[:, None], b_area[None, :], out=t2)
+        t2.sub_(t1)
+        t1.div_(t2)  # iou
+        return torch.gt(t1, self.thr, out=self.m[:n].view(shape))
+
+
+# Kept boxes compared with a block at once; keeps the IoU buffers cache-sized.
+_NMS_KEPT_CHUNK = 1024
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -387,24 +421,26 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         raise ValueError(f"nms expects boxes [N,4] and scores [N], got "
                          f"{tuple(boxes.shape)} and {tuple(scores.shape)}")
     n = boxes.shape[0]
+    dev = boxes.device
     if n == 0:
-        return torch.empty((0,), dtype=torch.long, device=boxes.device)
+        return torch.empty((0,), dtype=torch.long, device=dev)
     cdt = acc_dtype(boxes.dtype)
     order = torch.sort(scores, descending=True, stable=True).indices
     b = boxes.detach().to(cdt).index_select(0, order)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    keep = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    kept_boxes: list[Tensor] = []
-    kept_areas: list[Tensor] = []
+    iou_gt = _IouGt(iou_threshold, cdt, dev)
+    keep = torch.zeros(n, dtype=torch.bool, device=dev)
+    kept_b = torch.empty((n, 4), dtype=cdt, device=dev)
+    kept_a = torch.empty((n,), dtype=cdt, device=dev)
+    nk = 0
     for s in range(0, n, _NMS_BLOCK):
         e = min(n, s + _NMS_BLOCK)
         bb, ba = b[s:e], area[s:e]
-        alive = torch.ones(e - s, dtype=torch.bool, device=boxes.device)
-        if kept_boxes:
-            kb = torch.cat(kept_boxes)
-            ka = torch.cat(kept_areas)
-            alive &= ~_iou_gt(kb, ka, bb, ba, iou_threshold).any(0)
-        sup = torch.triu(_iou_gt(bb, ba, bb, ba, iou_threshold), diagonal=1)
+        alive = torch.ones(e - s, dtype=torch.bool, device=dev)
+        for k0 in range(0, nk, _NMS_KEPT_CHUNK):
+            k1 = min(nk, k0 + _NMS_KEPT_CHUNK)
+            alive &= ~iou_gt(kept_b[k0:k1], kept_a[k0:k1], bb, ba).any(0)
+        sup = torch.triu(iou_gt(bb, ba, bb, ba), diagonal=1)
         # Fixed-point iteration of the greedy rule; unique because sup is strictly
         # upper triangular, so it equals the sequential scan.
         cur = alive
@@ -414,8 +450,10 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
                 break
             cur = nxt
         keep[s:e] = cur
-        kept_boxes.append(bb[cur])
-        kept_areas.append(ba[cur])
+        m = int(cur.sum())
+        kept_b[nk:nk + m] = bb[cur]
+        kept_a[nk:nk + m] = ba[cur]
+        nk += m
     return order[keep]
 
 

@@ -60,8 +60,13 @@ def resolve_backend(backend: Optional[str], tensor: Tensor) -> str:
     return backend
 
 
-def _kernels():
+def _kernels(tensor: Tensor):
     import zoo.kernels  # deferred: triton is optional
+
+    # triton.jit picks interpreted vs compiled when zoo.kernels is first imported.
+    if not tensor.is_cuda and not zoo.kernels.INTERPRET:
+        raise ZooError("zoo.kernels was imported without TRITON_INTERPRET=1, so it cannot "
+                       "run on CPU tensors; set TRITON_INTERPRET=1 before the first use")
     return zoo.kernels
 
 
@@ -70,7 +75,7 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[
               *, backend: Optional[str] = None) -> Tensor:
     """ROIAlign (torchvision semantics): [N,C,H,W] x boxes -> [K,C,oh,ow]."""
     if resolve_backend(backend, input) == "triton":
-        return _kernels().roi_align(input, boxes, output_size, spatial_scale,
+        return _kernels(input).roi_align(input, boxes, output_size, spatial_scale,
                                     sampling_ratio, aligned)
     return reference.roi_align(input, boxes, output_size, spatial_scale,
                                sampling_ratio, aligned)
@@ -83,7 +88,7 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
                          *, backend: Optional[str] = None) -> Tensor:
     """Detectron2 ROIPooler: assign each box an FPN level, pool, keep input order."""
     if resolve_backend(backend, features[0]) == "triton":
-        return _kernels().multilevel_roi_align(features, boxes, output_size, scales,
+        return _kernels(features[0]).multilevel_roi_align(features, boxes, output_size, scales,
                                                sampling_ratio, aligned,
                                                canonical_box_size, canonical_level)
     return reference.multilevel_roi_align(features, boxes, output_size, scales,
@@ -95,7 +100,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float,
         *, backend: Optional[str] = None) -> Tensor:
     """Greedy NMS like torchvision.ops.nms: kept indices by decreasing score."""
     if resolve_backend(backend, boxes) == "triton":
-        return _kernels().nms(boxes, scores, iou_threshold)
+        return _kernels(boxes).nms(boxes, scores, iou_threshold)
     return reference.nms(boxes, scores, iou_threshold)
 
 
@@ -103,7 +108,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
                 *, backend: Optional[str] = None) -> Tensor:
     """Per-category NMS like torchvision.ops.batched_nms (same regime switch)."""
     if resolve_backend(backend, boxes) == "triton":
-        return _kernels().batched_nms(boxes, scores, idxs, iou_threshold)
+        return _kernels(boxes).batched_nms(boxes, scores, idxs, iou_threshold)
     return reference.batched_nms(boxes, scores, idxs, iou_threshold)
 
 
@@ -111,7 +116,7 @@ def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
               *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """NMS with static output: (indices[max_out] padded with -1, kept-count tensor)."""
     if resolve_backend(backend, boxes) == "triton":
-        return _kernels().nms_fixed(boxes, scores, iou_threshold, max_out)
+        return _kernels(boxes).nms_fixed(boxes, scores, iou_threshold, max_out)
     keep = reference.nms(boxes, scores, iou_threshold)
     out = torch.full((max_out,), -1, dtype=torch.long, device=boxes.device)
     n = min(max_out, keep.numel())

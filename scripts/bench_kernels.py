@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Benchmark zoo's Triton ops against torchvision and zoo's torch fallback (same GPU).
+
+Prints a markdown table of median milliseconds and speed-ups. Without CUDA it says
+so and times only the torch path on CPU (exit code 0).
+
+    python scripts/bench_kernels.py [--repeats 20] [--warmup 3] [--only nms]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from zoo import ops  # noqa: E402
+from zoo.ops import reference  # noqa: E402
+
+SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
+def proposals(n: int, seed: int, device: str, smin: float = 8.0, smax: float = 800.0,
+              h: float = 800.0, w: float = 1216.0) -> torch.Tensor:
+    """RPN-like boxes: log-uniform sizes, random aspect ratios, clipped to the image."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp(torch.empty(n).uniform_(math.log(smin), math.log(smax), generator=g))
+    ar = torch.exp(torch.empty(n).uniform_(-1.0, 1.0, generator=g))
+    bw, bh = s * ar.sqrt(), s / ar.sqrt()
+    cx, cy = torch.rand(n, generator=g) * w, torch.rand(n, generator=g) * h
+    b = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    b[:, 0::2] = b[:, 0::2].clamp(0, w)
+    b[:, 1::2] = b[:, 1::2].clamp(0, h)
+    return b.to(device)
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of fn in ms (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def tv_pooler(tv, feats, rois, size: int, sr: int) -> torch.Tensor:
+    """Detectron2's ROIPooler: level assignment, per-level roi_align, index_put."""
+    lvl = reference.assign_levels(rois, 2, 5)
+    out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+    for i, (f, s) in enumerate(zip(feats, SCALES)):
+        idx = torch.nonzero(lvl == i).squeeze(1)
+        out[idx] = tv.roi_align(f, rois[idx], size, s, sr, True)
+    return out
+
+
+def workloads(device: str, tv):
+    """(name, triton fn, torchvision fn, torch fn) for each benchmark."""
+    g = torch.Generator(device=device).manual_seed(0)
+    feats = [torch.randn(1, 256, int(800 * s), int(1216 * s), generator=g, device=device)
+             for s in SCALES]
+    res4 = torch.randn(1, 1024, 50, 76, generator=g, device=device)
+    rois1000 = reference.boxes_to_rois([proposals(1000, 1, device)])
+    rois100 = reference.boxes_to_rois([proposals(100, 2, device)])
+    rois_c4 = reference.boxes_to_rois([proposals(1000, 3, device)])
+
+    def trip(fn_name, *args, **kw):
+        return lambda: getattr(ops, fn_name)(*args, backend="triton", **kw)
+
+    def torch_path(fn_name, *args, **kw):
+        return lambda: getattr(ops, fn_name)(*args, backend="torch", **kw)
+
+    out = [
+        ("FPN pooler 1000 boxes C=256 7x7 (sr 0, aligned)",
+         trip("multilevel_roi_align", feats, rois1000, 7, SCALES, 0, True),
+         (lambda: tv_pooler(tv, feats, rois1000, 7, 0)) if tv else None,
+         torch_path("multilevel_roi_align", feats, rois1000, 7, SCALES, 0, True)),
+        ("Mask pooler 100 boxes C=256 14x14",
+         trip("multilevel_roi_align", feats, rois100, 14, SCALES, 0, True),
+         (lambda: tv_pooler(tv, feats, rois100, 14, 0)) if tv else None,
+         torch_path("multilevel_roi_align", feats, rois100, 14, SCALES, 0, True)),
+        ("C4 pooler 1000 boxes res4 C=1024 14x14 (stride 16)",
+         trip("roi_align", res4, rois_c4, 14, 1 / 16, 0, True),
+         (lambda: tv.roi_align(res4, rois_c4, 14, 1 / 16, 0, True)) if tv else None,
+         torch_path("roi_align", res4, rois_c4, 14, 1 / 16, 0, True)),
+    ]
+    for n in (1000, 4700, 12000, 30000):
+        b = proposals(n, 10 + n, device, smax=300.0)
+        s = torch.rand(n, generator=g, device=device)
+        out.append((f"NMS n={n} (IoU 0.7)", trip("nms", b, s, 0.7),
+                    (lambda b=b, s=s: tv.nms(b, s, 0.7)) if tv else None,
+                    torch_path("nms", b, s, 0.7)))
+    b = proposals(4700, 99, device, smax=300.0)
+    s = torch.rand(4700, generator=g, device=device)
+    c = torch.randint(0, 80, (4700,), generator=g, device=device)
+    out.append(("Batched NMS 80 classes n=4700 (IoU 0.5)", trip("batched_nms", b, s, c, 0.5),
+                (lambda: tv.batched_nms(b, s, c, 0.5)) if tv else None,
+                torch_path("batched_nms", b, s, c, 0.5)))
+    return out
+
+
+def fmt(ms: Optional[float]) -> str:
+    return "n/a" if ms is None else f"{ms:.3f}"
+
+
+def speedup(base: Optional[float], new: Optional[float]) -> str:
+    return "n/a" if base is None or new is None or new <= 0 else f"{base / new:.2f}x"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmarks and print the markdown table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs (median)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first")
+    ap.add_argument("--only", default="", help="substring filter on workload names")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    repeats = args.repeats or (20 if cuda else 3)
+    warmup = args.warmup or (3 if cuda else 1)
+    tv = None
+    if cuda:
+        try:
+            import torchvision.ops as tv  # only for the baseline column, only on GPU
+        except Exception as exc:  # missing or broken install: skip that column
+            print(f"torchvision unavailable ({exc}); its column is n/a")
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"median of {repeats} runs after {warmup} warm-up")
+    else:
+        print("CUDA not available: timing only the torch fallback on CPU "
+              f"({torch.get_num_threads()} threads, median of {repeats} runs)")
+    print()
+    print("| workload | triton ms | torchvision ms | torch ms | triton vs torchvision "
+          "| triton vs torch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for name, f_tri, f_tv, f_torch in workloads(device, tv):
+            if args.only and args.only.lower() not in name.lower():
+                continue
+            t_tri = time_ms(f_tri, device, warmup, repeats) if cuda else None
+            t_tv = time_ms(f_tv, device, warmup, repeats) if f_tv is not None else None
+            t_torch = time_ms(f_torch, device, warmup, repeats)
+            print(f"| {name} | {fmt(t_tri)} | {fmt(t_tv)} | {fmt(t_torch)} "
+                  f"| {speedup(t_tv, t_tri)} | {speedup(t_torch, t_tri)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Compiled Triton kernels on CUDA at full sizes, against torchvision and the torch path.
+
+torchvision is imported only inside the tests that compare with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoo import ops
+from zoo.ops import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+DEV = "cuda"
+SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
+def _tv():
+    return pytest.importorskip("torchvision.ops", reason="torchvision not installed")
+
+
+def _proposals(n: int, seed: int, h: float = 800.0, w: float = 1216.0,
+               smin: float = 8.0, smax: float = 800.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp(torch.empty(n).uniform_(math.log(smin), math.log(smax), generator=g))
+    ar = torch.exp(torch.empty(n).uniform_(-1.0, 1.0, generator=g))
+    bw, bh = s * ar.sqrt(), s / ar.sqrt()
+    cx, cy = torch.rand(n, generator=g) * w, torch.rand(n, generator=g) * h
+    b = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    b[:, 0::2] = b[:, 0::2].clamp(0, w)
+    b[:, 1::2] = b[:, 1::2].clamp(0, h)
+    return b.to(DEV)
+
+
+def _pyramid(C: int = 256, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(1, C, 800 // int(1 / s), 1216 // int(1 / s), generator=g, device=DEV,
+                        dtype=dtype) for s in SCALES]
+
+
+def _tv_pooler(feats, boxes, size, scales, sr):
+    """Detectron2's ROIPooler built from torchvision roi_align + index_put."""
+    tv = _tv()
+    rois = reference.boxes_to_rois([boxes])
+    lvl = reference.assign_levels(rois, 2, 5)
+    out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+    for i, (f, s) in enumerate(zip(feats, scales)):
+        idx = torch.nonzero(lvl == i).squeeze(1)
+        out[idx] = tv.roi_align(f, rois[idx], size, s, sr, True)
+    return out
+
+
+def test_fpn_pooler_matches_torchvision():
+    feats = _pyramid()
+    boxes = _proposals(1000, 1)
+    out = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+    torch.testing.assert_close(out, _tv_pooler(feats, boxes, 7, SCALES, 0), rtol=1e-4,
+                               atol=1e-4)
+    ref = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_pooler_and_c4_match_torchvision():
+    tv = _tv()
+    feats = _pyramid()
+    boxes = _proposals(100, 2)
+    out = ops.multilevel_roi_align(feats, [boxes], 14, SCALES, 0, True, backend="triton")
+    torch.testing.assert_close(out, _tv_pooler(feats, boxes, 14, SCALES, 0), rtol=1e-4,
+                               atol=1e-4)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    res4 = torch.randn(1, 1024, 50, 76, generator=g, device=DEV)
+    boxes = _proposals(1000, 4)
+    out = ops.roi_align(res4, [boxes], 14, 1 / 16, 0, True, backend="triton")
+    exp = tv.roi_align(res4, [boxes], 14, 1 / 16, 0, True)
+    torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sr,aligned", [(0, True), (0, False), (2, True), (2, False)])
+def test_roi_align_matches_torchvision_edge_boxes(sr, aligned):
+    tv = _tv()
+    g = torch.Generator(device=DEV).manual_seed(5)
+    f = torch.randn(2, 64, 100, 152, generator=g, device=DEV)
+    rois = reference.boxes_to_rois([_proposals(300, 6, smin=0.1, smax=3000.0) - 200,
+                                    _proposals(300, 7, smin=0.1, smax=3000.0)])
+    rois[:20, 3:] = rois[:20, 1:3] - 5  # inverted boxes
+    out = ops.roi_align(f, rois, 7, 1 / 8, sr, aligned, backend="triton")
+    torch.testing.assert_close(out, tv.roi_align(f, rois, 7, 1 / 8, sr, aligned),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_matches_torch_path(dtype):
+    feats = _pyramid(C=64, dtype=dtype)
+    boxes = _proposals(500, 8)
+    out = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+    ref = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="torch")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_backward_matches_torch_path():
+    feats = [f.requires_grad_() for f in _pyramid(C=32)]
+    boxes = _proposals(300, 9)
+    out = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+    ref = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="torch")
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, feats, g), torch.autograd.grad(ref, feats, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_pooler_does_not_sync():
+    feats = _pyramid(C=64)
+    boxes = _proposals(1000, 10)
+    scores = torch.rand(1000, device=DEV)
+    ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+    ops.nms_fixed(boxes, scores, 0.7, 300, backend="triton")  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+        ops.nms_fixed(boxes, scores, 0.7, 300, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("n", [1, 1000, 4700, 12000, 30000])
+def test_nms_matches_torchvision(n):
+    tv = _tv()
+    boxes = _proposals(n, 11 + n, smax=300.0)
+    scores = torch.rand(n, device=DEV)
+    for thr in (0.5, 0.7):
+        keep = ops.nms(boxes, scores, thr, backend="triton")
+        assert torch.equal(keep, tv.nms(boxes, scores, thr))
+        assert torch.equal(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), thr))
+
+
+@pytest.mark.parametrize("n,classes", [(4700, 80), (4741, 5), (6000, 80)])
+def test_batched_nms_matches_torchvision(n, classes):
+    # 4700x80: the ROI-heads case; 4741x5: RPN per-level (coordinate trick on GPU);
+    # 6000 boxes = 24000 elements > 20000: torchvision's per-class loop regime.
+    tv = _tv()
+    boxes = _proposals(n, 20 + n, smax=300.0)
+    scores = torch.rand(n, device=DEV)
+    idxs = torch.randint(0, classes, (n,), device=DEV)
+    keep = ops.batched_nms(boxes, scores, idxs, 0.5, backend="triton")
+    assert torch.equal(keep, tv.batched_nms(boxes, scores, idxs, 0.5))
+
+
+def test_nms_fixed_in_cuda_graph():
+    boxes = _proposals(2000, 30, smax=300.0)
+    scores = torch.rand(2000, device=DEV)
+    expect = ops.nms(boxes, scores, 0.7, backend="torch")
+    ops.nms_fixed(boxes, scores, 0.7, 1000, backend="triton")  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx, cnt = ops.nms_fixed(boxes, scores, 0.7, 1000, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    k = min(1000, expect.numel())
+    assert int(cnt) == k and torch.equal(idx[:k], expect[:k])
+    scores.copy_(torch.rand(2000, device=DEV))
+    graph.replay()
+    expect = ops.nms(boxes, scores, 0.7, backend="torch")
+    k = min(1000, expect.numel())
+    assert int(cnt) == k and torch.equal(idx[:k], expect[:k])

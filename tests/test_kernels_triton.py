@@ -1,0 +1,226 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU tensors, compared with the torch path.
+
+Inputs are kept small: the interpreter runs every program in numpy. On a machine with
+CUDA these are skipped (tests/test_kernels_gpu.py covers the compiled kernels).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+
+import torch
+
+# The interpreter must be chosen before triton is first imported (triton's own jit
+# helpers are decorated at import), so set it at collection time on CPU-only hosts.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from zoo import ops  # noqa: E402
+from zoo.ops import reference  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(),
+                       reason="interpreter tests run on CPU-only machines; see test_kernels_gpu"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy 0/0 in padded lanes
+]
+
+
+@pytest.fixture(scope="module")
+def K():
+    """zoo.kernels in interpreter mode."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; "
+                    "run this file on its own or export TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = importlib.import_module("zoo.kernels")
+    if not mod.INTERPRET:
+        pytest.skip("zoo.kernels was already imported in compiled mode")
+    return mod
+
+
+def _rois(gen, n_img: int, H: int, W: int, scale: float) -> torch.Tensor:
+    """A mix of ordinary, degenerate, tiny, out-of-image and huge boxes (image coords)."""
+    ih, iw = H / scale, W / scale
+    k = 10
+    xy = torch.rand(k, 2, generator=gen) * torch.tensor([iw, ih])
+    wh = torch.rand(k, 2, generator=gen) * torch.tensor([iw, ih]) * 0.6
+    boxes = torch.cat([xy, xy + wh], 1)
+    extra = torch.tensor([
+        [5.0, 5.0, 5.0, 5.0],                         # zero size
+        [9.0, 7.0, 3.0, 2.0],                         # inverted
+        [1.0, 1.0, 1.3, 1.2],                         # tiny
+        [-40.0, -30.0, -20.0, -10.0],                 # fully outside (negative)
+        [iw + 10, ih + 10, iw + 60, ih + 40],         # fully outside (beyond)
+        [-iw * 0.5, -ih * 0.5, iw * 1.5, ih * 1.5],   # huge, covers everything
+        [-3.0, -3.0, 6.0, 6.0],                       # straddles the corner
+    ])
+    boxes = torch.cat([boxes, extra])
+    bi = torch.randint(0, n_img, (boxes.shape[0], 1), generator=gen).float()
+    return torch.cat([bi, boxes], 1)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sr", [0, 1, 2])
+def test_roi_align_forward_matches_torch(K, sr, aligned):
+    gen = torch.Generator().manual_seed(100 + 10 * sr + aligned)
+    f = torch.randn(2, 5, 9, 12, generator=gen)
+    rois = _rois(gen, 2, 9, 12, 0.5)
+    out = K.roi_align(f, rois, (3, 4), 0.5, sr, aligned)
+    ref = reference.roi_align(f, rois, (3, 4), 0.5, sr, aligned)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_channel_blocks_and_big_bins(K):
+    # C=70 with 7x7 bins spans two channel blocks; 14x14 uses 256-bin tiles.
+    gen = torch.Generator().manual_seed(6)
+    f = torch.randn(1, 70, 12, 16, generator=gen)
+    rois = _rois(gen, 1, 12, 16, 0.25)[:6]
+    for size in (7, (14, 14)):
+        torch.testing.assert_close(K.roi_align(f, rois, size, 0.25, 2, True),
+                                   reference.roi_align(f, rois, size, 0.25, 2, True),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_roi_align_low_precision(K, dtype):
+    gen = torch.Generator().manual_seed(7)
+    f = torch.randn(1, 6, 10, 10, generator=gen).to(dtype)
+    rois = _rois(gen, 1, 10, 10, 1.0)
+    out = K.roi_align(f, rois, 2, 1.0, 0, True)
+    ref = reference.roi_align(f, rois, 2, 1.0, 0, True)
+    assert out.dtype == dtype
+    # Both accumulate in fp32; only the final rounding / summation order may differ.
+    tol = 1e-2 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("sr,aligned", [(0, True), (2, False)])
+def test_roi_align_backward_matches_torch(K, sr, aligned):
+    gen = torch.Generator().manual_seed(8 + sr)
+    f = torch.randn(2, 3, 8, 9, generator=gen, requires_grad=True)
+    rois = _rois(gen, 2, 8, 9, 0.5)
+    g = torch.randn(rois.shape[0], 3, 2, 3, generator=gen)
+    out = K.roi_align(f, rois, (2, 3), 0.5, sr, aligned)
+    (ga,) = torch.autograd.grad(out, f, g)
+    ref = reference.roi_align(f, rois, (2, 3), 0.5, sr, aligned)
+    (gr,) = torch.autograd.grad(ref, f, g)
+    torch.testing.assert_close(ga, gr, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_empty_and_list_boxes(K):
+    f = torch.randn(2, 3, 6, 6)
+    assert K.roi_align(f, torch.zeros(0, 5), 2, 1.0, 0, True).shape == (0, 3, 2, 2)
+    b = [torch.tensor([[0.0, 0, 4, 4]]), torch.zeros(0, 4)]
+    torch.testing.assert_close(K.roi_align(f, b, 2, 1.0, 0, True),
+                               reference.roi_align(f, b, 2, 1.0, 0, True))
+
+
+def _pyramid(gen, C: int = 3, requires_grad: bool = False):
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    feats = [torch.randn(2, C, 32 // 2 ** i, 48 // 2 ** i, generator=gen,
+                         requires_grad=requires_grad) for i in range(4)]
+    xy = torch.rand(16, 2, generator=gen) * 150
+    wh = torch.exp(torch.rand(16, 2, generator=gen) * 6)
+    boxes = torch.cat([xy, xy + wh], 1)
+    # Exact level boundaries (sizes 112, 224, 448) plus degenerate boxes.
+    boxes[:5] = torch.tensor([[0.0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 458, 458],
+                              [3, 3, 2, 9], [5, 5, 5, 5]])
+    return feats, scales, [boxes[:9], boxes[9:]]
+
+
+def test_multilevel_forward_and_backward(K):
+    gen = torch.Generator().manual_seed(9)
+    feats, scales, boxes = _pyramid(gen, requires_grad=True)
+    rois = reference.boxes_to_rois(boxes)
+    lvl = reference.assign_levels(rois, 2, 5)
+    assert lvl[:3].tolist() == [1, 2, 3] and len(set(lvl.tolist())) >= 3
+    out = K.multilevel_roi_align(feats, boxes, 3, scales, 0, True)
+    ref = reference.multilevel_roi_align(feats, boxes, 3, scales, 0, True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape, generator=gen)
+    ga = torch.autograd.grad(out, feats, g)
+    gr = torch.autograd.grad(ref, feats, g)
+    for a, b in zip(ga, gr):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_multilevel_single_level_and_dispatch(K, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(10)
+    f = torch.randn(1, 4, 10, 10, generator=gen)
+    rois = torch.tensor([[0.0, 10, 10, 100, 70], [0.0, 1, 1, 3, 3]])
+    out = ops.multilevel_roi_align([f], rois, 2, [1 / 16], 0, True, backend="triton")
+    torch.testing.assert_close(out, ops.roi_align(f, rois, 2, 1 / 16, 0, True), rtol=1e-5,
+                               atol=1e-5)
+    monkeypatch.setenv("ZOO_OPS", "triton")
+    torch.testing.assert_close(ops.roi_align(f, rois, 2, 1 / 16, 0, True), out, rtol=1e-5,
+                               atol=1e-5)
+
+
+def _boxes(gen, n: int, ties: bool):
+    xy = torch.rand(n, 2, generator=gen) * 60
+    wh = torch.rand(n, 2, generator=gen) * 30
+    wh[: n // 8] = 0  # degenerate
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = (torch.randint(0, 8, (n,), generator=gen).float() if ties
+              else torch.rand(n, generator=gen))
+    return boxes, scores
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 65, 300])
+@pytest.mark.parametrize("ties", [False, True])
+def test_nms_matches_torch(K, n, ties):
+    gen = torch.Generator().manual_seed(n + 1000 * ties)
+    boxes, scores = _boxes(gen, n, ties)
+    for thr in (0.3, 0.5, 0.7):
+        keep = K.nms(boxes, scores, thr)
+        assert keep.dtype == torch.long
+        assert torch.equal(keep, reference.nms(boxes, scores, thr))
+
+
+def test_nms_iou_exactly_at_threshold(K):
+    boxes = torch.tensor([[0.0, 0, 3, 1], [1, 0, 4, 1], [0, 0, 4, 1]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    # IoU(0,1) = 0.5 exactly, IoU(0,2) = 0.75, IoU(1,2) = 0.75.
+    assert K.nms(boxes, scores, 0.5).tolist() == [0, 1]
+    assert K.nms(boxes, scores, 0.75).tolist() == [0, 1, 2]
+    assert K.nms(boxes, scores, 0.25).tolist() == [0]
+
+
+def test_nms_other_dtypes(K):
+    gen = torch.Generator().manual_seed(11)
+    boxes, scores = _boxes(gen, 100, False)
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        assert torch.equal(K.nms(boxes.to(dt), scores.to(dt), 0.5),
+                           reference.nms(boxes.to(dt), scores.to(dt), 0.5))
+
+
+def test_nms_fixed(K):
+    gen = torch.Generator().manual_seed(12)
+    boxes, scores = _boxes(gen, 130, True)
+    ref = reference.nms(boxes, scores, 0.5)
+    idx, cnt = K.nms_fixed(boxes, scores, 0.5, 200)
+    assert idx.shape == (200,) and int(cnt) == ref.numel()
+    assert torch.equal(idx[: ref.numel()], ref) and bool((idx[ref.numel():] == -1).all())
+    idx, cnt = K.nms_fixed(boxes, scores, 0.5, 7)
+    assert int(cnt) == 7 and torch.equal(idx, ref[:7])
+    idx, cnt = K.nms_fixed(boxes[:0], scores[:0], 0.5, 4)
+    assert idx.tolist() == [-1] * 4 and int(cnt) == 0
+
+
+@pytest.mark.parametrize("n,classes", [(0, 3), (40, 1), (300, 80), (1100, 5)])
+def test_batched_nms_matches_torch(K, n, classes):
+    gen = torch.Generator().manual_seed(n + classes)
+    boxes, scores = _boxes(gen, n, False)
+    idxs = torch.randint(0, classes, (n,), generator=gen)
+    # 1100 boxes = 4400 elements > 4000: the per-class regime on CPU tensors.
+    assert reference.use_vanilla_batched_nms(boxes) == (n == 1100)
+    assert torch.equal(K.batched_nms(boxes, scores, idxs, 0.5),
+                       reference.batched_nms(boxes, scores, idxs, 0.5))

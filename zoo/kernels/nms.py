@@ -1,0 +1,167 @@
+"""GPU-resident greedy NMS: an IoU bitmask kernel plus a single-program scan kernel.
+
+Boxes are sorted by score (stable, descending) on device; the mask kernel sets bit j
+of word (i, j // 64) when sorted box j > i overlaps box i above the threshold; the
+scan walks 64-box blocks in order, resolves each block in registers and ORs the kept
+rows into the removed set. Nothing leaves the device; only `nms`'s variable-length
+result needs the final count (like torchvision); `nms_fixed` is fully sync-free.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from zoo.ops import reference
+
+_WORD = 64
+
+
+@triton.jit(do_not_specialize=["n", "n_words", "thr"])
+def _nms_mask_kernel(boxes_ptr, cls_ptr, thr, thr_ptr, mask_ptr, n, n_words,
+                     USE_CLASS: tl.constexpr, THR_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    rb = tl.program_id(0)
+    cb = tl.program_id(1)
+    if cb >= rb:
+        rows = rb * BLOCK + tl.arange(0, BLOCK)
+        cols = cb * BLOCK + tl.arange(0, BLOCK)
+        rm = rows < n
+        cm = cols < n
+        rx1 = tl.load(boxes_ptr + rows * 4 + 0, mask=rm, other=0.0)
+        ry1 = tl.load(boxes_ptr + rows * 4 + 1, mask=rm, other=0.0)
+        rx2 = tl.load(boxes_ptr + rows * 4 + 2, mask=rm, other=0.0)
+        ry2 = tl.load(boxes_ptr + rows * 4 + 3, mask=rm, other=0.0)
+        cx1 = tl.load(boxes_ptr + cols * 4 + 0, mask=cm, other=0.0)
+        cy1 = tl.load(boxes_ptr + cols * 4 + 1, mask=cm, other=0.0)
+        cx2 = tl.load(boxes_ptr + cols * 4 + 2, mask=cm, other=0.0)
+        cy2 = tl.load(boxes_ptr + cols * 4 + 3, mask=cm, other=0.0)
+        ra = (rx2 - rx1) * (ry2 - ry1)
+        ca = (cx2 - cx1) * (cy2 - cy1)
+        w = tl.maximum(tl.minimum(rx2[:, None], cx2[None, :])
+                       - tl.maximum(rx1[:, None], cx1[None, :]), 0.0)
+        h = tl.maximum(tl.minimum(ry2[:, None], cy2[None, :])
+                       - tl.maximum(ry1[:, None], cy1[None, :]), 0.0)
+        inter = w * h
+        # Same op order as torchvision's CPU loop; IEEE division (launched without
+        # fp fusion) so the bits match the torch reference.
+        union = (ra[:, None] + ca[None, :]) - inter
+        if THR_FROM_PTR:
+            iou = inter / union  # fp64 division is IEEE already
+        else:
+            iou = tl.math.div_rn(inter, union)
+        if THR_FROM_PTR:  # fp64 boxes: a float argument would round the threshold
+            thr = tl.load(thr_ptr)
+        hit = (iou > thr) & (cols[None, :] > rows[:, None]) & cm[None, :]
+        if USE_CLASS:
+            rc = tl.load(cls_ptr + rows, mask=rm, other=0)
+            cc = tl.load(cls_ptr + cols, mask=cm, other=0)
+            hit = hit & (rc[:, None] == cc[None, :])
+        bit = (tl.arange(0, BLOCK) % 64).to(tl.int64)
+        word = tl.sum(hit.to(tl.int64) << bit[None, :], axis=1)
+        tl.store(mask_ptr + rows.to(tl.int64) * n_words + cb, word, mask=rm)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit(do_not_specialize=["n", "n_words", "max_out"])
+def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
+                     n, n_words, max_out, BLOCK_W: tl.constexpr):
+    lane = tl.arange(0, 64)
+    one = tl.full([], 1, tl.int64)
+    count = tl.zeros([], dtype=tl.int64)
+    for b in range(0, n_words):
+        rows = b * 64 + lane
+        valid = rows < n
+        diag = tl.load(mask_ptr + rows.to(tl.int64) * n_words + b, mask=valid, other=0)
+        # Rows past n count as already removed.
+        rem = tl.load(removed_ptr + b, volatile=True) | tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
+        keepw = tl.zeros([], dtype=tl.int64)
+        for t in tl.static_range(64):
+            d_t = tl.sum(tl.where(lane == t, diag, 0))
+            free = ((rem >> t) & 1) == 0
+            rem = tl.where(free, rem | d_t, rem)
+            keepw = tl.where(free, keepw | (one << t), keepw)
+        kept = ((keepw >> lane.to(tl.int64)) & 1) == 1
+        pos = count + tl.cumsum(kept.to(tl.int64), 0) - 1
+        src = tl.load(order_ptr + rows, mask=kept, other=0)
+        tl.store(out_ptr + pos, src, mask=kept & (pos < max_out))
+        count += tl.sum(kept.to(tl.int64))
+        # Propagate this block's kept rows to every later word.
+        for c0 in range(b + 1, n_words, BLOCK_W):
+            cols = c0 + tl.arange(0, BLOCK_W)
+            cm = cols < n_words
+            tile = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + cols[None, :],
+                           mask=kept[:, None] & cm[None, :], other=0)
+            acc = tl.reduce(tile, 0, _or)
+            old = tl.load(removed_ptr + cols, mask=cm, other=0, volatile=True)
+            tl.store(removed_ptr + cols, old | acc, mask=cm)
+        tl.debug_barrier()  # make the removed words visible to the next block's load
+    tl.store(count_ptr, tl.minimum(count, max_out))
+
+
+def _prepare(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.dim() != 1 or \
+            scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"nms expects boxes [N,4] and scores [N], got "
+                         f"{tuple(boxes.shape)} and {tuple(scores.shape)}")
+    cdt = reference.acc_dtype(boxes.dtype)
+    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    return order, boxes.detach().to(cdt).index_select(0, order).contiguous(), cdt
+
+
+def _run(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
+         idxs: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Kept original indices in score order, padded with -1, and the count tensor."""
+    dev = boxes.device
+    n = boxes.shape[0]
+    out = torch.full((max_out,), -1, dtype=torch.long, device=dev)
+    count = torch.zeros((), dtype=torch.long, device=dev)
+    if n == 0 or max_out == 0:
+        return out, count
+    order, sb, cdt = _prepare(boxes, scores)
+    n_words = triton.cdiv(n, _WORD)
+    # x > thr (double) iff x > the largest representable value <= thr; an fp32 value
+    # travels exactly as a float argument (no host->device copy, graph-capturable).
+    thr = reference.threshold_below(iou_threshold, cdt)
+    thr_t = torch.tensor([thr], dtype=cdt, device=dev) if cdt == torch.float64 else sb
+    mask = torch.empty((n, n_words), dtype=torch.int64, device=dev)
+    cls = idxs.index_select(0, order).to(torch.int64).contiguous() if idxs is not None else order
+    _nms_mask_kernel[(n_words, n_words)](sb, cls, thr, thr_t, mask, n, n_words,
+                                         USE_CLASS=idxs is not None,
+                                         THR_FROM_PTR=cdt == torch.float64, BLOCK=_WORD,
+                                         num_warps=4, enable_fp_fusion=False)
+    removed = torch.zeros((n_words,), dtype=torch.int64, device=dev)
+    block_w = min(128, triton.next_power_of_2(n_words))
+    _nms_scan_kernel[(1,)](mask, order, removed, out, count, n, n_words, max_out,
+                           BLOCK_W=block_w, num_warps=4)
+    return out, count
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS on device; returns kept indices by decreasing score."""
+    out, _ = _run(boxes, scores, iou_threshold, boxes.shape[0], None)
+    return out[out >= 0]  # the only host sync: the result's length
+
+
+def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float,
+              max_out: int) -> tuple[Tensor, Tensor]:
+    """CUDA-graph friendly NMS: (indices[max_out] padded with -1, count tensor)."""
+    return _run(boxes, scores, iou_threshold, int(max_out), None)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Per-category NMS with torchvision's regime rule (per-class vs coordinate trick)."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.long, device=boxes.device)
+    if reference.use_vanilla_batched_nms(boxes):
+        # Per-class loop == class-aware IoU on the original coordinates, score order.
+        out, _ = _run(boxes, scores, iou_threshold, boxes.shape[0], idxs)
+        return out[out >= 0]
+    max_coordinate = boxes.max()  # stays on device: no sync
+    offsets = idxs.to(boxes) * (max_coordinate + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)

@@ -1,0 +1,305 @@
+"""Triton ROIAlign: one kernel for single-level and fused multi-level (FPN) pooling.
+
+Each program pools one ROI for a block of channels and all output bins. With several
+levels the program assigns the ROI's level itself (Detectron2's formula) and reads
+that level's map, so the whole FPN pooler is one launch with output in box order.
+Backward scatters into fp32 gradient buffers with atomic adds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from zoo.ops import reference
+
+MAX_LEVELS = 5
+# triton.jit decides interpreted vs compiled at import time, so this is fixed too.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if not _INTERPRET:  # libdevice's log2 matches torch's CUDA log2f; the interpreter lacks it
+    from triton.language.extra import libdevice as _libdevice
+else:
+    _libdevice = None
+
+
+@triton.jit
+def _log2(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return tl.log2(x)
+    else:
+        return _libdevice.log2(x)
+
+
+@triton.jit
+def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
+    """Select the value of level `lvl` (also works for pointers)."""
+    v = v0
+    if NUM_LEVELS > 1:
+        v = tl.where(lvl == 1, v1, v)
+    if NUM_LEVELS > 2:
+        v = tl.where(lvl == 2, v2, v)
+    if NUM_LEVELS > 3:
+        v = tl.where(lvl == 3, v3, v)
+    if NUM_LEVELS > 4:
+        v = tl.where(lvl == 4, v4, v)
+    return v
+
+
+@triton.jit
+def _axis(start, p, bsz, i, g, size):
+    """Sample coordinate -> (low, high, low weight, high weight), torchvision's rules."""
+    v = start + p * bsz + tl.math.div_rn((i + 0.5) * bsz, g)
+    valid = (v >= -1.0) & (v <= size)
+    v = tl.where(v == v, v, 0.0)  # NaN -> 0 (weight is 0 anyway)
+    v = tl.minimum(tl.maximum(v, 0.0), size * 1.0)
+    lo = v.to(tl.int32)
+    edge = lo >= size - 1
+    lo = tl.where(edge, size - 1, lo)
+    hi = tl.where(edge, lo, lo + 1)
+    v = tl.where(edge, lo.to(tl.float32), v)
+    l = v - lo.to(tl.float32)
+    h = 1.0 - l
+    m = valid.to(tl.float32)
+    return lo, hi, h * m, l * m
+
+
+@triton.jit
+def _roi_setup(rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+               min_level, max_level, canon_size, canon_level, sr,
+               OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
+               NUM_LEVELS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Level, batch index, geometry and sampling grid of ROI k."""
+    r = rois_ptr + k * 5
+    bi = tl.load(r).to(tl.int64)
+    bx1 = tl.load(r + 1)
+    by1 = tl.load(r + 2)
+    bx2 = tl.load(r + 3)
+    by2 = tl.load(r + 4)
+    lvl = 0
+    if NUM_LEVELS > 1:
+        # Detectron2: floor(canonical_level + log2(sqrt(area) / canonical + 1e-8)).
+        area = (bx2 - bx1) * (by2 - by1)
+        ratio = tl.math.div_rn(tl.sqrt_rn(area), canon_size) + 1e-8
+        lf = tl.math.floor(canon_level + _log2(ratio, INTERPRET))
+        lf = tl.where(lf == lf, lf, min_level)  # negative area -> finest level
+        lf = tl.minimum(tl.maximum(lf, min_level), max_level)
+        lvl = (lf - min_level).to(tl.int32)
+    scale = _pick(lvl, s0, s1, s2, s3, s4, NUM_LEVELS)
+    H = _pick(lvl, H0, H1, H2, H3, H4, NUM_LEVELS)
+    W = _pick(lvl, W0, W1, W2, W3, W4, NUM_LEVELS)
+    if ALIGNED:  # ROIAlignV2: half-pixel shift
+        x1 = bx1 * scale - 0.5
+        y1 = by1 * scale - 0.5
+        x2 = bx2 * scale - 0.5
+        y2 = by2 * scale - 0.5
+    else:
+        x1 = bx1 * scale
+        y1 = by1 * scale
+        x2 = bx2 * scale
+        y2 = by2 * scale
+    rw = x2 - x1
+    rh = y2 - y1
+    if not ALIGNED:
+        rw = tl.maximum(rw, 1.0)
+        rh = tl.maximum(rh, 1.0)
+    bh = tl.math.div_rn(rh, OH * 1.0)
+    bw = tl.math.div_rn(rw, OW * 1.0)
+    # Adaptive grid ceil(roi/bin); NaN / negative -> empty, cap keeps the cast defined.
+    ch = tl.math.ceil(bh)
+    cw = tl.math.ceil(bw)
+    ch = tl.where(ch == ch, tl.minimum(tl.maximum(ch, 0.0), 1.0e6), 0.0)
+    cw = tl.where(cw == cw, tl.minimum(tl.maximum(cw, 0.0), 1.0e6), 0.0)
+    gh = tl.where(sr > 0, sr, ch.to(tl.int32))
+    gw = tl.where(sr > 0, sr, cw.to(tl.int32))
+    return lvl, bi, H, W, y1, x1, bh, bw, gh, gw
+
+
+_NO_SPEC = ["C", "H0", "H1", "H2", "H3", "H4", "W0", "W1", "W2", "W3", "W4", "sr"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _roi_align_fwd_kernel(
+        out_ptr, rois_ptr, C,
+        f0, f1, f2, f3, f4,
+        H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+        s0, s1, s2, s3, s4,
+        min_level, max_level, canon_size, canon_level, sr,
+        OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
+        NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+        INTERPRET: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    lvl, bi, H, W, y1, x1, bh, bw, gh, gw = _roi_setup(
+        rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+        min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
+        INTERPRET)
+    feat = _pick(lvl, f0, f1, f2, f3, f4, NUM_LEVELS)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_b = tl.arange(0, BLOCK_B)
+    cmask = offs_c < C
+    bmask = offs_b < OH * OW
+    ph = (offs_b // OW).to(tl.float32)
+    pw = (offs_b % OW).to(tl.float32)
+    plane = feat + (bi * C + offs_c.to(tl.int64))[:, None] * H * W
+    acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
+    ghf = gh * 1.0
+    gwf = gw * 1.0
+    for iy in range(0, gh):
+        ylo, yhi, wyl, wyh = _axis(y1, ph, bh, iy * 1.0, ghf, H)
+        for ix in range(0, gw):
+            xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
+            m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
+            v1 = tl.load(plane + (ylo * W + xlo)[None, :], mask=m, other=0.0).to(tl.float32)
+            v2 = tl.load(plane + (ylo * W + xhi)[None, :], mask=m, other=0.0).to(tl.float32)
+            v3 = tl.load(plane + (yhi * W + xlo)[None, :], mask=m, other=0.0).to(tl.float32)
+            v4 = tl.load(plane + (yhi * W + xhi)[None, :], mask=m, other=0.0).to(tl.float32)
+            acc += ((wyl * wxl)[None, :] * v1 + (wyl * wxh)[None, :] * v2
+                    + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
+    count = tl.maximum(gh * gw, 1) * 1.0
+    res = tl.math.div_rn(acc, count + tl.zeros_like(acc))
+    optr = out_ptr + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
+    tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & bmask[None, :])
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _roi_align_bwd_kernel(
+        gout_ptr, rois_ptr, C,
+        g0, g1, g2, g3, g4,
+        H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+        s0, s1, s2, s3, s4,
+        min_level, max_level, canon_size, canon_level, sr,
+        OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
+        NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+        INTERPRET: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    lvl, bi, H, W, y1, x1, bh, bw, gh, gw = _roi_setup(
+        rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+        min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
+        INTERPRET)
+    grad = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_b = tl.arange(0, BLOCK_B)
+    cmask = offs_c < C
+    bmask = offs_b < OH * OW
+    ph = (offs_b // OW).to(tl.float32)
+    pw = (offs_b % OW).to(tl.float32)
+    gptr = gout_ptr + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
+    g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
+    count = tl.maximum(gh * gw, 1) * 1.0
+    g = tl.math.div_rn(g, count + tl.zeros_like(g))
+    plane = grad + (bi * C + offs_c.to(tl.int64))[:, None] * H * W
+    ghf = gh * 1.0
+    gwf = gw * 1.0
+    for iy in range(0, gh):
+        ylo, yhi, wyl, wyh = _axis(y1, ph, bh, iy * 1.0, ghf, H)
+        for ix in range(0, gw):
+            xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
+            m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
+            tl.atomic_add(plane + (ylo * W + xlo)[None, :], g * (wyl * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + (ylo * W + xhi)[None, :], g * (wyl * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + (yhi * W + xlo)[None, :], g * (wyh * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + (yhi * W + xhi)[None, :], g * (wyh * wxh)[None, :], mask=m)
+
+
+def _blocks(C: int, oh: int, ow: int) -> tuple[int, int]:
+    bins = triton.next_power_of_2(oh * ow)
+    # About 4K accumulator elements per program.
+    block_c = max(1, min(triton.next_power_of_2(max(C, 1)), 4096 // bins))
+    return block_c, bins
+
+
+class _Args:
+    """Per-level launch arguments padded to MAX_LEVELS."""
+
+    def __init__(self, feats: Sequence[Tensor], scales: Sequence[float]):
+        n = len(feats)
+        self.num_levels = n
+        pad = MAX_LEVELS - n
+        self.H = [int(f.shape[2]) for f in feats] + [1] * pad
+        self.W = [int(f.shape[3]) for f in feats] + [1] * pad
+        self.s = [float(s) for s in scales] + [1.0] * pad
+
+
+def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor], a: _Args,
+            levels: tuple[float, float, float, float], oh: int, ow: int, sr: int,
+            aligned: bool) -> None:
+    K = rois.shape[0]
+    block_c, block_b = _blocks(C, oh, ow)
+    ptrs = list(ptrs) + [ptrs[0]] * (MAX_LEVELS - len(ptrs))
+    grid = (K, triton.cdiv(C, block_c))
+    kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
+                 OH=oh, OW=ow, ALIGNED=bool(aligned),
+                 NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,
+                 INTERPRET=_INTERPRET, num_warps=4)
+
+
+class _RoiAlignFn(torch.autograd.Function):
+    """Autograd wrapper: Triton forward, Triton atomic-add backward."""
+
+    @staticmethod
+    def forward(ctx, rois: Tensor, oh: int, ow: int, scales: tuple, sr: int, aligned: bool,
+                levels: tuple, *feats: Tensor) -> Tensor:
+        feats = tuple(f.contiguous() for f in feats)
+        C = feats[0].shape[1]
+        a = _Args(feats, scales)
+        out = feats[0].new_empty((rois.shape[0], C, oh, ow))
+        if rois.shape[0] > 0 and C > 0:
+            _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, sr, aligned)
+        ctx.save_for_backward(rois)
+        ctx.cfg = (oh, ow, scales, sr, aligned, levels)
+        ctx.shapes = [(f.shape, f.dtype) for f in feats]
+        return out
+
+    @staticmethod
+    def backward(ctx, gout: Tensor):
+        (rois,) = ctx.saved_tensors
+        oh, ow, scales, sr, aligned, levels = ctx.cfg
+        grads = [torch.zeros(shape, dtype=torch.float32, device=gout.device)
+                 for shape, _ in ctx.shapes]
+        C = grads[0].shape[1]
+        if rois.shape[0] > 0 and C > 0:
+            _launch(_roi_align_bwd_kernel, gout.contiguous(), rois, C, grads,
+                    _Args(grads, scales), levels, oh, ow, sr, aligned)
+        grads = [g.to(dt) for g, (_, dt) in zip(grads, ctx.shapes)]
+        return (None, None, None, None, None, None, None, *grads)
+
+
+def _rois_f32(boxes, device: torch.device) -> Tensor:
+    return reference.boxes_to_rois(boxes, device).to(device=device,
+                                                     dtype=torch.float32).contiguous()
+
+
+def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """Triton ROIAlign; same contract as zoo.ops.roi_align (coordinates in fp32)."""
+    oh, ow = reference._pair(output_size)
+    rois = _rois_f32(boxes, input.device)
+    return _RoiAlignFn.apply(rois, oh, ow, (float(spatial_scale),), int(sampling_ratio),
+                             bool(aligned), (0.0, 0.0, 224.0, 4.0), input)
+
+
+def multilevel_roi_align(features: Sequence[Tensor], boxes, output_size,
+                         scales: Sequence[float], sampling_ratio: int, aligned: bool = True,
+                         canonical_box_size: float = 224.0,
+                         canonical_level: int = 4) -> Tensor:
+    """Fused FPN ROIPooler: one launch, level picked per box inside the kernel."""
+    if len(features) != len(scales):
+        raise ValueError("features and scales must have the same length")
+    if len(features) > MAX_LEVELS:
+        raise ValueError(f"at most {MAX_LEVELS} pyramid levels are supported")
+    oh, ow = reference._pair(output_size)
+    rois = _rois_f32(boxes, features[0].device)
+    if len(features) == 1:
+        levels = (0.0, 0.0, 224.0, 4.0)
+    else:
+        lo, hi = reference.level_range(scales)
+        levels = (float(lo), float(hi), float(canonical_box_size), float(canonical_level))
+    return _RoiAlignFn.apply(rois, oh, ow, tuple(float(s) for s in scales),
+                             int(sampling_ratio), bool(aligned), levels, *features)

@@ -136,9 +136,10 @@ def _run(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
                                          THR_FROM_PTR=cdt == torch.float64, BLOCK=_WORD,
                                          num_warps=4, enable_fp_fusion=False)
     removed = torch.zeros((n_words,), dtype=torch.int64, device=dev)
-    block_w = min(128, triton.next_power_of_2(n_words))
+    # One warp: the per-box steps are cross-lane reductions, cheapest within a warp.
+    block_w = min(32, triton.next_power_of_2(n_words))
     _nms_scan_kernel[(1,)](mask, order, removed, out, count, n, n_words, max_out,
-                           BLOCK_W=block_w, num_warps=4)
+                           BLOCK_W=block_w, num_warps=1)
     return out, count
 
 

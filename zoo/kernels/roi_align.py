@@ -294,8 +294,12 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes, output_size,
         raise ValueError("features and scales must have the same length")
     if len(features) > MAX_LEVELS:
         raise ValueError(f"at most {MAX_LEVELS} pyramid levels are supported")
+    f0 = features[0]
+    for f in features[1:]:
+        if f.dtype != f0.dtype or f.device != f0.device or f.shape[:2] != f0.shape[:2]:
+            raise ValueError("pyramid levels must share dtype, device, batch and channels")
     oh, ow = reference._pair(output_size)
-    rois = _rois_f32(boxes, features[0].device)
+    rois = _rois_f32(boxes, f0.device)
     if len(features) == 1:
         levels = (0.0, 0.0, 224.0, 4.0)
     else:

@@ -4,6 +4,19 @@ Backend choice: an explicit ``backend=`` argument wins, then the ``ZOO_OPS``
 environment variable (``torch`` or ``triton``), then "triton" for CUDA tensors when
 triton imports and "torch" otherwise. ``zoo.kernels`` (and triton) is imported only
 when the triton backend is actually used.
+
+Semantics notes:
+- roi_align coordinates and sampling run in fp32 (fp64 for fp64 input on the torch
+  path) and results accumulate in fp32; boxes are not cast to the feature dtype.
+- nms sorts scores with a *stable* descending sort, so tied scores keep the lower
+  index first. torchvision's CPU kernel uses an unstable std::sort (identical for
+  n <= 16 or distinct scores); its CUDA kernel's radix sort is stable like ours.
+- IoU is compared with the threshold as torchvision's CPU kernel does (float IoU vs
+  double threshold); torchvision's CUDA kernel rounds the threshold to float first,
+  which differs only when float(thr) > thr and an IoU equals float(thr) exactly.
+- batched_nms uses torchvision's regime switch (per-class above 4000 elements on CPU,
+  20000 on GPU; coordinate-offset trick otherwise), so results match it in both.
+- Half/bfloat16 boxes are handled in fp32 (torchvision's CPU nms rejects them).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def _roi_align_window(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int,
     # Batch ROIs of similar window size; each batch pads to its largest window.
     order = torch.sort(torch.maximum(yl, xl) * (W + 1) + torch.minimum(yl, xl), stable=True).indices
     yl_s, xl_s = yl[order].tolist(), xl[order].tolist()
-    out = feat.new_zeros((K, C, oh, ow))
+    out = feat.new_empty((K, C, oh, ow))  # every row is written below
     s = 0
     while s < K:
         e = s
@@ -222,8 +222,9 @@ def _roi_align_window(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int,
         idx = order[s:e]
         s = e
         k = idx.numel()
-        if rmax == 0 or wmax == 0:
-            continue  # nothing sampled inside the map: output stays 0
+        if rmax == 0 or wmax == 0:  # nothing sampled inside the map
+            out.index_fill_(0, idx, 0.0)
+            continue
         y0 = torch.minimum(ys[idx], torch.full_like(ys[idx], H - rmax))
         x0 = torch.minimum(xs[idx], torch.full_like(xs[idx], W - wmax))
         ry = y0[:, None] + torch.arange(rmax, device=dev)
@@ -356,13 +357,13 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
         return ref.new_zeros((0, C, oh, ow))
     min_level, max_level = level_range(scales)
     lvl = assign_levels(rois, min_level, max_level, canonical_box_size, canonical_level)
-    out = ref.new_zeros((K, C, oh, ow))
+    out = ref.new_empty((K, C, oh, ow))  # each box has exactly one level
     for i, (feat, scale) in enumerate(zip(features, scales)):
         idx = torch.nonzero(lvl == i).squeeze(1)
         if idx.numel() == 0:
             continue
         pooled = roi_align(feat, rois[idx], (oh, ow), scale, sampling_ratio, aligned)
-        out = out.index_put((idx,), pooled)
+        out.index_copy_(0, idx, pooled)
     return out
 
 

@@ -24,6 +24,10 @@ def _nms_mask_kernel(boxes_ptr, cls_ptr, thr, thr_ptr, mask_ptr, n, n_words,
                      USE_CLASS: tl.constexpr, THR_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     rb = tl.program_id(0)
     cb = tl.program_id(1)
+    if THR_FROM_PTR:  # fp64 boxes: a float argument would round the threshold
+        t = tl.load(thr_ptr)
+    else:
+        t = thr
     if cb >= rb:
         rows = rb * BLOCK + tl.arange(0, BLOCK)
         cols = cb * BLOCK + tl.arange(0, BLOCK)
@@ -51,9 +55,7 @@ def _nms_mask_kernel(boxes_ptr, cls_ptr, thr, thr_ptr, mask_ptr, n, n_words,
             iou = inter / union  # fp64 division is IEEE already
         else:
             iou = tl.math.div_rn(inter, union)
-        if THR_FROM_PTR:  # fp64 boxes: a float argument would round the threshold
-            thr = tl.load(thr_ptr)
-        hit = (iou > thr) & (cols[None, :] > rows[:, None]) & cm[None, :]
+        hit = (iou > t) & (cols[None, :] > rows[:, None]) & cm[None, :]
         if USE_CLASS:
             rc = tl.load(cls_ptr + rows, mask=rm, other=0)
             cc = tl.load(cls_ptr + cols, mask=cm, other=0)
@@ -114,6 +116,11 @@ def _prepare(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, torch.dtype
     return order, boxes.detach().to(cdt).index_select(0, order).contiguous(), cdt
 
 
+def _mask_warps(dtype: torch.dtype) -> int:
+    """fp64 64x64 tiles spill heavily below 16 warps (sm_90); fp32 fits 4 warps."""
+    return 16 if dtype == torch.float64 else 4
+
+
 def _run(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
          idxs: Tensor | None) -> tuple[Tensor, Tensor]:
     """Kept original indices in score order, padded with -1, and the count tensor."""
@@ -134,10 +141,10 @@ def _run(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
     _nms_mask_kernel[(n_words, n_words)](sb, cls, thr, thr_t, mask, n, n_words,
                                          USE_CLASS=idxs is not None,
                                          THR_FROM_PTR=cdt == torch.float64, BLOCK=_WORD,
-                                         num_warps=4, enable_fp_fusion=False)
+                                         num_warps=_mask_warps(cdt), enable_fp_fusion=False)
     removed = torch.zeros((n_words,), dtype=torch.int64, device=dev)
     # One warp: the per-box steps are cross-lane reductions, cheapest within a warp.
-    block_w = min(32, triton.next_power_of_2(n_words))
+    block_w = min(16, triton.next_power_of_2(n_words))  # 184 registers on sm_90, no spill
     _nms_scan_kernel[(1,)](mask, order, removed, out, count, n, n_words, max_out,
                            BLOCK_W=block_w, num_warps=1)
     return out, count

@@ -81,7 +81,8 @@ def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
         valid = rows < n
         diag = tl.load(mask_ptr + rows.to(tl.int64) * n_words + b, mask=valid, other=0)
         # Rows past n count as already removed.
-        rem = tl.load(removed_ptr + b, volatile=True) | tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
+        pad = tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
+        rem = tl.load(removed_ptr + b, volatile=True) | pad
         keepw = tl.zeros([], dtype=tl.int64)
         for t in tl.static_range(64):
             d_t = tl.sum(tl.where(lane == t, diag, 0))

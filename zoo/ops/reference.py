@@ -76,7 +76,8 @@ def _roi_geometry(rois: Tensor, spatial_scale: float, oh: int, ow: int,
     return y1, x1, bh, bw, gh, gw
 
 
-def _axis_taps(start: Tensor, bsz: Tensor, g: Union[int, Tensor], i0: int, i1: int, n_out: int, size: int):
+def _axis_taps(start: Tensor, bsz: Tensor, g: Union[int, Tensor], i0: int, i1: int,
+               n_out: int, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bilinear taps along one axis for samples i0..i1-1 of a grid of g per bin.
 
     Returns low/high pixel indices and their weights, shape [K, n_out, i1-i0];

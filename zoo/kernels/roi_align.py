@@ -9,7 +9,7 @@ Backward scatters into fp32 gradient buffers with atomic adds.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import triton
@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from zoo.ops import reference
+from zoo.ops.reference import BoxesLike
 
 MAX_LEVELS = 5
 # triton.jit decides interpreted vs compiled at import time, so this is fixed too.
@@ -276,12 +277,13 @@ class _RoiAlignFn(torch.autograd.Function):
         return (None, None, None, None, None, None, None, *grads)
 
 
-def _rois_f32(boxes, device: torch.device) -> Tensor:
+def _rois_f32(boxes: BoxesLike, device: torch.device) -> Tensor:
     return reference.boxes_to_rois(boxes, device).to(device=device,
                                                      dtype=torch.float32).contiguous()
 
 
-def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
+def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
+              spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """Triton ROIAlign; same contract as zoo.ops.roi_align (coordinates in fp32)."""
     oh, ow = reference._pair(output_size)
@@ -290,8 +292,8 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
                              bool(aligned), (0.0, 0.0, 224.0, 4.0), input)
 
 
-def multilevel_roi_align(features: Sequence[Tensor], boxes, output_size,
-                         scales: Sequence[float], sampling_ratio: int, aligned: bool = True,
+def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
+                         output_size: Union[int, Sequence[int]], scales: Sequence[float], sampling_ratio: int, aligned: bool = True,
                          canonical_box_size: float = 224.0,
                          canonical_level: int = 4) -> Tensor:
     """Fused FPN ROIPooler: one launch, level picked per box inside the kernel."""

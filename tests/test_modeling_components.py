@@ -155,3 +155,18 @@ def test_cuda_matches_cpu(small_model):
     assert abs(len(gpu) - len(cpu)) <= 2
     k = min(len(gpu), len(cpu), 20)
     torch.testing.assert_close(gpu.boxes[:k].cpu(), cpu.boxes[:k], atol=0.5, rtol=0)
+
+
+def test_rpn_prefix_nms_equals_full_nms():
+    from zoo import ops
+    from zoo.modeling.rpn import _nms_topk
+
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(3000, 2, generator=g) * 200
+    wh = torch.rand(3000, 2, generator=g) * 60 + 4
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.sort(torch.randn(3000, generator=g), descending=True).values
+    levels = torch.zeros(3000, dtype=torch.int64)
+    for k in (50, 300, 1000):
+        full = ops.batched_nms(boxes, scores, levels, 0.7)[:k]
+        assert torch.equal(_nms_topk(boxes, scores, levels, 0.7, k, single_level=True), full)

@@ -107,6 +107,27 @@ class RPN(nn.Module):
             keep = nonempty(b, self.min_box_size)
             if not bool(keep.all()):
                 b, s, lv = b[keep], s[keep], lv[keep]
-            keep = ops.batched_nms(b, s, lv, self.nms_thresh)[: self.post_nms_topk]
+            keep = _nms_topk(b, s, lv, self.nms_thresh, self.post_nms_topk, single_level=len(anchors) == 1)
             results.append(Proposals(b[keep], s[keep]))
         return results
+
+
+def _nms_topk(boxes: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor, thresh: float, k: int,
+              single_level: bool) -> torch.Tensor:
+    """First k indices kept by batched NMS, in decreasing score order.
+
+    Greedy NMS decides each box from the boxes ranked above it only, so on one level whose boxes are
+    already sorted by score, NMS over a prefix that keeps >= k boxes gives exactly the full result's
+    first k. C4/DC5 keep 1000 of 6000, so this skips most of the work, bit-exactly.
+    """
+    from .. import ops
+
+    n = boxes.shape[0]
+    if single_level and n > 2 * k:
+        m = 2 * k
+        while True:
+            keep = ops.batched_nms(boxes[:m], scores[:m], levels[:m], thresh)
+            if keep.numel() >= k or m >= n:
+                return keep[:k]
+            m = min(n, 2 * m)
+    return ops.batched_nms(boxes, scores, levels, thresh)[:k]

@@ -170,3 +170,16 @@ def test_rpn_prefix_nms_equals_full_nms():
     for k in (50, 300, 1000):
         full = ops.batched_nms(boxes, scores, levels, 0.7)[:k]
         assert torch.equal(_nms_topk(boxes, scores, levels, 0.7, k, single_level=True), full)
+
+
+def test_no_detections_gives_empty_results(small_model):
+    heads = small_model.roi_heads
+    old = heads.score_thresh
+    heads.score_thresh = 1.0  # softmax never exceeds it strictly
+    try:
+        det = small_model.predict(np.zeros((40, 60, 3), dtype=np.uint8))
+    finally:
+        heads.score_thresh = old
+    assert len(det) == 0 and det.image_size == (40, 60)
+    assert det.boxes.shape == (0, 4) and det.labels.dtype == torch.int64
+    assert det.masks is not None and det.masks.shape == (0, 40, 60)

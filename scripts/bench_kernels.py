@@ -10,7 +10,6 @@ so and times only the torch path on CPU (exit code 0).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -23,22 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zoo import ops  # noqa: E402
 from zoo.ops import reference  # noqa: E402
+from zoo.ops.synthetic import random_proposals  # noqa: E402
 
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 
 
-def proposals(n: int, seed: int, device: str, smin: float = 8.0, smax: float = 800.0,
-              h: float = 800.0, w: float = 1216.0) -> torch.Tensor:
-    """RPN-like boxes: log-uniform sizes, random aspect ratios, clipped to the image."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.exp(torch.empty(n).uniform_(math.log(smin), math.log(smax), generator=g))
-    ar = torch.exp(torch.empty(n).uniform_(-1.0, 1.0, generator=g))
-    bw, bh = s * ar.sqrt(), s / ar.sqrt()
-    cx, cy = torch.rand(n, generator=g) * w, torch.rand(n, generator=g) * h
-    b = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-    b[:, 0::2] = b[:, 0::2].clamp(0, w)
-    b[:, 1::2] = b[:, 1::2].clamp(0, h)
-    return b.to(device)
+def proposals(n: int, seed: int, device: str, **kw) -> torch.Tensor:
+    """RPN-like boxes on an 800x1216 image."""
+    return random_proposals(n, seed, device=device, **kw)
 
 
 def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:

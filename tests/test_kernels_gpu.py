@@ -5,13 +5,13 @@ torchvision is imported only inside the tests that compare with it.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from zoo import ops
 from zoo.ops import reference
+from zoo.ops.synthetic import random_proposals
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,17 +23,8 @@ def _tv():
     return pytest.importorskip("torchvision.ops", reason="torchvision not installed")
 
 
-def _proposals(n: int, seed: int, h: float = 800.0, w: float = 1216.0,
-               smin: float = 8.0, smax: float = 800.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    s = torch.exp(torch.empty(n).uniform_(math.log(smin), math.log(smax), generator=g))
-    ar = torch.exp(torch.empty(n).uniform_(-1.0, 1.0, generator=g))
-    bw, bh = s * ar.sqrt(), s / ar.sqrt()
-    cx, cy = torch.rand(n, generator=g) * w, torch.rand(n, generator=g) * h
-    b = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-    b[:, 0::2] = b[:, 0::2].clamp(0, w)
-    b[:, 1::2] = b[:, 1::2].clamp(0, h)
-    return b.to(DEV)
+def _proposals(n: int, seed: int, **kw) -> torch.Tensor:
+    return random_proposals(n, seed, device=DEV, **kw)
 
 
 def _pyramid(C: int = 256, dtype=torch.float32, seed: int = 0):

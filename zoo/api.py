@@ -33,13 +33,21 @@ def get(
     weights: Union[str, os.PathLike, None] = None,
     device: Union[str, torch.device, None] = "cpu",
     quiet: Optional[bool] = None,
+    precision: str = "fp32",
 ) -> torch.nn.Module:
-    """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights)."""
+    """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights).
+
+    precision: "fp32" (default; the exact path), "bf16" (CPU or CUDA) or "fp16" (CUDA only) runs the
+    network under torch.autocast; boxes, scores and masks come back fp32/bool either way. It can be
+    changed later with `model.precision = ...`.
+    """
     from .hub import fetch, load_checkpoint
     from .modeling import build_model, load_weights
+    from .modeling.detector import check_precision
 
     manifest = get_manifest(name)
     dev = resolve_device(device)
+    check_precision(precision, dev)  # before any download
     model = build_model(manifest.architecture)
     model.manifest = manifest
     if weights is not None:
@@ -50,4 +58,5 @@ def get(
     elif pretrained:
         ck = manifest.checkpoint
         load_weights(model, load_checkpoint(fetch(ck.url, sha256=ck.sha256, quiet=quiet)))
+    model.precision = precision
     return model.to(dev).eval()

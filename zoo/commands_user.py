@@ -143,12 +143,12 @@ def _peak_memory(device: Any) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Median seconds per image after warm-up, and peak memory, beside the published V100 time."""
-    import contextlib
     import statistics
     import time
 
     import torch
 
+    from .modeling.detector import check_precision
     from .modeling.transforms import resized_size, to_rgb_array
     from .registry import get_manifest
 
@@ -157,16 +157,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError("--batch and --iters must be at least 1 and --warmup at least 0")
     image_path = Path(args.image).expanduser() if args.image else BENCH_IMAGE
     rgb = to_rgb_array(image_path)
+    from .api import resolve_device
+
+    on_gpu = resolve_device(args.device).type == "cuda"
+    # --amp: the model's own reduced precision (autocast on the network; decoding, NMS, pasting stay fp32)
+    precision = args.precision or (("fp16" if on_gpu else "bf16") if args.amp else "fp32")
+    check_precision(precision, resolve_device(args.device))  # before any download
     model = load_model(args.name, args.weights, args.device, synthetic=args.synthetic)
+    model.precision = precision
     dev = model.device
-    on_gpu = dev.type == "cuda"
     iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     batch = [rgb] * args.batch
-
-    amp = contextlib.nullcontext()
-    if args.amp:  # fp16 on CUDA; bf16 is what CPU autocast supports
-        amp = torch.autocast(dev.type, dtype=torch.float16 if on_gpu else torch.bfloat16)
 
     def sync() -> None:
         if on_gpu:
@@ -176,20 +178,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     try:
-        with amp:
-            for _ in range(warmup):
-                model.predict(batch)
+        for _ in range(warmup):
+            model.predict(batch)
+        sync()
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model.predict(batch)
             sync()
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                model.predict(batch)
-                sync()
-                times.append((time.perf_counter() - t0) / args.batch)
+            times.append((time.perf_counter() - t0) / args.batch)
     except RuntimeError as e:
-        if not args.amp:
+        if precision == "fp32":
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ZooError(f"the network failed under --amp ({first}); run without --amp") from None
+        raise ZooError(f"the network failed in {precision} ({first}); run with --precision fp32") from None
 
     arch_in = manifest.architecture.input
     h, w = rgb.shape[:2]
@@ -199,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     median = statistics.median(times)
     print("\n".join([
         f"model      {manifest.name} (weights: {weights})",
-        f"device     {dev} ({where}), torch {torch.__version__}, {'AMP' if args.amp else 'fp32'}",
+        f"device     {dev} ({where}), torch {torch.__version__}, {precision}",
         f"input      {image_path.name} {w}x{h} resized to {rw}x{rh}, batch {args.batch}",
         f"time       {median:.4f} s/im median of {iters} (min {min(times):.4f}, max {max(times):.4f}), "
         f"after {warmup} warm-up",
@@ -238,7 +239,9 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--iters", type=int, help="timed iterations (default: 3 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 5 on CUDA)")
-    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--amp", action="store_true", help="reduced precision: fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="network precision (default fp32; with --amp fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--image", help="image to time on (default: a bundled 600x512 photo)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")

@@ -1,6 +1,7 @@
 """GeneralizedRCNN: preprocessing, backbone, RPN, ROI heads and postprocessing, plus `predict`."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -15,6 +16,19 @@ from .mask_paste import detector_postprocess
 from .roi_heads import RawInstances, build_roi_heads
 from .rpn import RPN, Proposals
 from .transforms import normalize_and_pad, resize_uint8, resized_size, to_rgb_array
+
+
+# precision name -> autocast dtype (None: plain fp32, the path parity is measured on)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """Validate a precision name for a device; returns it, or raises InputError saying what works."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise InputError("precision 'fp16' needs a CUDA device; on CPU use precision='bf16' (or 'fp32')")
+    return precision
 
 
 @dataclass
@@ -56,6 +70,9 @@ class GeneralizedRCNN(nn.Module):
         self.max_size_test = inp.max_size_test
         self.size_divisibility = inp.size_divisibility
         self.mask_threshold = arch.roi_heads.mask_head.mask_threshold if arch.roi_heads.mask_head else 0.5
+        # "fp32" (exact, default), "bf16" or "fp16" (CUDA): the network runs under torch.autocast, while box
+        # decoding, scores, NMS and mask pasting stay fp32
+        self.precision = "fp32"
         # oneDNN (CPU) and cuDNN run these convs faster on NHWC; the state_dict is unaffected
         self.to(memory_format=torch.channels_last)
         self.eval()
@@ -88,12 +105,19 @@ class GeneralizedRCNN(nn.Module):
         """Run the network on a preprocessed batch; detections are in resized-image pixels."""
         return self.run(images, image_sizes).instances
 
+    def _autocast(self, device: torch.device):
+        dtype = PRECISIONS[check_precision(self.precision, device)]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> Trace:
         """Forward pass that also returns the backbone features and the proposals."""
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
-        features = self.backbone(images.contiguous(memory_format=torch.channels_last))
-        proposals = self.proposal_generator(features, image_sizes)
-        instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
+        with self._autocast(images.device):
+            features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+            proposals = self.proposal_generator(features, image_sizes)
+            instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
         return Trace(ImageBatch(images, list(image_sizes), list(image_sizes)), features, proposals, instances)
 
     def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:
@@ -118,19 +142,51 @@ class GeneralizedRCNN(nn.Module):
             tr.detections = self.postprocess(tr.instances, batch)
         return tr
 
-    def predict(self, image: Any) -> Any:
-        """Detect objects: one image -> Detections; a list of images -> list of Detections."""
+    def _padded_shape(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) a resized image pads to on its own."""
+        d = self.size_divisibility
+        if d <= 1:
+            return int(size[0]), int(size[1])
+        return (int(size[0]) + d - 1) // d * d, (int(size[1]) + d - 1) // d * d
+
+    def predict(self, image: Any, *, batch_size: Optional[int] = None, exact: bool = True) -> Any:
+        """Detect objects: one image -> Detections; a list of images -> list of Detections.
+
+        A list runs as batched forwards of at most `batch_size` images (default: no limit). With exact=True
+        (default) each forward holds images of one padded shape, so every result equals predicting that
+        image alone (a wider zero padding changes the convolutions near the border); same-sized inputs are
+        one forward. exact=False batches in input order whatever the sizes (Detectron2's batched
+        semantics: fewer forwards, but smaller images' results can differ from single-image ones).
+        """
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise InputError("predict got an empty list; pass an image or a non-empty list of images")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise InputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         from ..results import Detections
 
         if self.training:
             self.eval()
+        if len(images) > 1:
+            images = [to_rgb_array(im) for im in images]  # decode once; sizes decide the groups
+        groups: dict[Any, list[int]] = {}
+        for i, im in enumerate(images):
+            key = 0
+            if exact and len(images) > 1:
+                h, w = im.shape[:2]
+                key = self._padded_shape(resized_size(h, w, self.min_size_test, self.max_size_test))
+            groups.setdefault(key, []).append(i)
+        step = batch_size or len(images)
+        dets: list[Any] = [None] * len(images)
         with torch.inference_mode():
-            batch = self.preprocess(images)
-            dets = self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
+            for idx in groups.values():
+                for s in range(0, len(idx), step):
+                    part = idx[s:s + step]
+                    batch = self.preprocess([images[i] for i in part])
+                    for i, d in zip(part, self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)):
+                        dets[i] = d
         # plain tensors, so callers may modify results in place outside inference mode
         dets = [Detections(d.boxes.clone(), d.scores.clone(), d.labels.clone(),
                            None if d.masks is None else d.masks.clone(), d.image_size) for d in dets]

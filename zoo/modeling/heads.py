@@ -79,6 +79,6 @@ class MaskRCNNConvUpsampleHead(nn.Module):
 def mask_probs(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Sigmoid of each instance's predicted-class channel: [R, M, M]."""
     if logits.shape[1] == 1:
-        return logits[:, 0].sigmoid()
+        return logits[:, 0].float().sigmoid()
     idx = torch.arange(logits.shape[0], device=logits.device)
-    return logits[idx, classes].sigmoid()
+    return logits[idx, classes].float().sigmoid()

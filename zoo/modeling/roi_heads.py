@@ -84,7 +84,7 @@ class _ROIHeadsBase(nn.Module):
             pred = deltas.new_zeros((0, deltas.shape[1]))
         else:
             pred = self.box2box_transform.apply_deltas(deltas, torch.cat(proposals))
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)  # fp32 scores under autocast too
         return [
             fast_rcnn_inference_single_image(b, s, size, self.score_thresh, self.nms_thresh,
                                              self.detections_per_image)

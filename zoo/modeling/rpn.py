@@ -87,7 +87,8 @@ class RPN(nn.Module):
         scores_l, boxes_l, level_l = [], [], []
         for lvl, (a, lg, d) in enumerate(zip(anchors, logits, deltas)):
             k = min(lg.shape[1], self.pre_nms_topk)
-            top_scores, top_idx = lg.topk(k, dim=1)
+            # fp32 before ranking: under autocast the head's logits are bf16/fp16 (no-op in fp32)
+            top_scores, top_idx = lg.float().topk(k, dim=1)
             # decoding is elementwise, so decoding just the top-k equals Detectron2's decode-all-then-select
             sel_d = d[batch_idx, top_idx].reshape(-1, 4)
             sel_a = a[top_idx.reshape(-1)]

@@ -17,6 +17,8 @@ Semantics notes:
 - batched_nms uses torchvision's regime switch (per-class above 4000 elements on CPU,
   20000 on GPU; coordinate-offset trick otherwise), so results match it in both.
 - Half/bfloat16 boxes are handled in fp32 (torchvision's CPU nms rejects them).
+- Every op runs with autocast disabled: coordinates, sampling and IoU stay in fp32
+  under torch.autocast too, and roi_align returns the features' dtype.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def resolve_backend(backend: Optional[str], tensor: Tensor) -> str:
     return backend
 
 
+def _no_autocast(tensor: Tensor):
+    # autocast would turn the fp32 matmuls inside roi_align into bf16/fp16 and mix dtypes
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def _kernels(tensor: Tensor):
     import zoo.kernels  # deferred: triton is optional
 
@@ -87,11 +94,12 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
               *, backend: Optional[str] = None) -> Tensor:
     """ROIAlign (torchvision semantics): [N,C,H,W] x boxes -> [K,C,oh,ow]."""
-    if resolve_backend(backend, input) == "triton":
-        return _kernels(input).roi_align(input, boxes, output_size, spatial_scale,
-                                    sampling_ratio, aligned)
-    return reference.roi_align(input, boxes, output_size, spatial_scale,
-                               sampling_ratio, aligned)
+    with _no_autocast(input):
+        if resolve_backend(backend, input) == "triton":
+            return _kernels(input).roi_align(input, boxes, output_size, spatial_scale,
+                                             sampling_ratio, aligned)
+        return reference.roi_align(input, boxes, output_size, spatial_scale,
+                                   sampling_ratio, aligned)
 
 
 def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
@@ -100,38 +108,42 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
                          canonical_box_size: float = 224, canonical_level: int = 4,
                          *, backend: Optional[str] = None) -> Tensor:
     """Detectron2 ROIPooler: assign each box an FPN level, pool, keep input order."""
-    if resolve_backend(backend, features[0]) == "triton":
-        return _kernels(features[0]).multilevel_roi_align(features, boxes, output_size, scales,
-                                               sampling_ratio, aligned,
-                                               canonical_box_size, canonical_level)
-    return reference.multilevel_roi_align(features, boxes, output_size, scales,
-                                          sampling_ratio, aligned,
-                                          canonical_box_size, canonical_level)
+    with _no_autocast(features[0]):
+        if resolve_backend(backend, features[0]) == "triton":
+            return _kernels(features[0]).multilevel_roi_align(
+                features, boxes, output_size, scales, sampling_ratio, aligned,
+                canonical_box_size, canonical_level)
+        return reference.multilevel_roi_align(features, boxes, output_size, scales,
+                                              sampling_ratio, aligned,
+                                              canonical_box_size, canonical_level)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float,
         *, backend: Optional[str] = None) -> Tensor:
     """Greedy NMS like torchvision.ops.nms: kept indices by decreasing score."""
-    if resolve_backend(backend, boxes) == "triton":
-        return _kernels(boxes).nms(boxes, scores, iou_threshold)
-    return reference.nms(boxes, scores, iou_threshold)
+    with _no_autocast(boxes):
+        if resolve_backend(backend, boxes) == "triton":
+            return _kernels(boxes).nms(boxes, scores, iou_threshold)
+        return reference.nms(boxes, scores, iou_threshold)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
                 *, backend: Optional[str] = None) -> Tensor:
     """Per-category NMS like torchvision.ops.batched_nms (same regime switch)."""
-    if resolve_backend(backend, boxes) == "triton":
-        return _kernels(boxes).batched_nms(boxes, scores, idxs, iou_threshold)
-    return reference.batched_nms(boxes, scores, idxs, iou_threshold)
+    with _no_autocast(boxes):
+        if resolve_backend(backend, boxes) == "triton":
+            return _kernels(boxes).batched_nms(boxes, scores, idxs, iou_threshold)
+        return reference.batched_nms(boxes, scores, idxs, iou_threshold)
 
 
 def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
               *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """NMS with static output: (indices[max_out] padded with -1, kept-count tensor)."""
-    if resolve_backend(backend, boxes) == "triton":
-        return _kernels(boxes).nms_fixed(boxes, scores, iou_threshold, max_out)
-    keep = reference.nms(boxes, scores, iou_threshold)
-    out = torch.full((max_out,), -1, dtype=torch.long, device=boxes.device)
-    n = min(max_out, keep.numel())
-    out[:n] = keep[:n]
-    return out, torch.tensor(n, dtype=torch.long, device=boxes.device)
+    with _no_autocast(boxes):
+        if resolve_backend(backend, boxes) == "triton":
+            return _kernels(boxes).nms_fixed(boxes, scores, iou_threshold, max_out)
+        keep = reference.nms(boxes, scores, iou_threshold)
+        out = torch.full((max_out,), -1, dtype=torch.long, device=boxes.device)
+        n = min(max_out, keep.numel())
+        out[:n] = keep[:n]
+        return out, torch.tensor(n, dtype=torch.long, device=boxes.device)

@@ -236,7 +236,8 @@ def _roi_align_window(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int,
         axw = ax[idx].gather(2, rx[:, None, :].expand(k, ow, wmax))
         t = scratch.bmm("t", ayw, win).view(k * oh, wmax, C)
         res = torch.bmm(axw.repeat_interleave(oh, 0), t)  # [k*oh, ow, C]
-        out.index_copy_(0, idx, res.view(k, oh, ow, C).permute(0, 3, 1, 2))
+        # .to: under autocast bmm returns bf16/fp16 while out is fp32
+        out.index_copy_(0, idx, res.view(k, oh, ow, C).permute(0, 3, 1, 2).to(out.dtype))
     return out
 
 
@@ -262,7 +263,7 @@ def _roi_align_gather(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int,
                 idx = order[s:min(s + step, start + cnt)]
                 res = _roi_align_group(flat, rois[idx], H, W, spatial_scale, oh, ow,
                                        g_h, g_w, aligned, scratch)
-                out.index_copy_(0, idx, res.permute(0, 3, 1, 2))
+                out.index_copy_(0, idx, res.permute(0, 3, 1, 2).to(out.dtype))
         start += cnt
     return out
 
@@ -364,7 +365,7 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
         if idx.numel() == 0:
             continue
         pooled = roi_align(feat, rois[idx], (oh, ow), scale, sampling_ratio, aligned)
-        out.index_copy_(0, idx, pooled)
+        out.index_copy_(0, idx, pooled.to(out.dtype))
     return out
 
 

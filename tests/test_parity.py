@@ -8,6 +8,7 @@ identical outputs, so the network runs once per distinct (architecture, seed, pi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,13 @@ SCORE_ATOL = 2e-3
 MATCH_IOU = 0.98
 MIN_MATCHED = 0.97
 MIN_MASK_IOU = 0.97
+# ZOO_TEST_DEVICE=cuda runs the networks on the GPU (same tolerances; TF32 off so fp32 means fp32)
+DEVICE = os.environ.get("ZOO_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda"):
+    if not torch.cuda.is_available():
+        pytest.skip("ZOO_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 # pycocotools' decode trips a NumPy 2 deprecation inside its own code
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -98,7 +106,7 @@ class Runner:
             keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
             model = build_model(arch)
             load_weights(model, self._synth(keys, key[1], key[2]))
-            self._model, self._key = model, key
+            self._model, self._key = model.to(DEVICE), key
         return self._model
 
     def run(self, name: str, image: str) -> Outcome:
@@ -107,7 +115,7 @@ class Runner:
         if rk not in self._results:
             tr = model.trace(FIXTURES / "images" / f"{image}.png")
             det = tr.detections[0]
-            feats = {k: {"shape": list(v.shape[1:]), "flat": v[0].float().flatten(),
+            feats = {k: {"shape": list(v.shape[1:]), "flat": v[0].float().flatten().cpu(),
                          "mean": v[0].double().mean().item(), "std": v[0].double().std().item()}
                      for k, v in tr.features.items()}
             self._results[rk] = Outcome(

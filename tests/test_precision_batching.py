@@ -148,3 +148,34 @@ def test_batched_predict_equals_single(model):
             torch.testing.assert_close(d.scores, s.scores, atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="batch_size"):
         model.predict(imgs, batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_precision_matches_cpu_fp32(model, precision):
+    """On CUDA (Triton ops by default) every precision meets the same top-N criterion against CPU fp32."""
+    img = _image("grace_hopper")
+    model.precision = "fp32"
+    ref = model.predict(img)
+    try:
+        model.to("cuda")
+        model.precision = precision
+        out = model.predict(img)
+    finally:
+        model.precision = "fp32"
+        model.to("cpu")
+    assert out.boxes.dtype == torch.float32 and out.scores.dtype == torch.float32
+    iou = _iou(ref.boxes[:TOP_N].double(), out.boxes.double().cpu())
+    iou[ref.labels[:TOP_N, None] != out.labels.cpu()[None, :]] = 0
+    matched = (iou.max(dim=1).values >= MATCH_IOU).float().mean().item()
+    assert matched >= MIN_MATCHED, matched
+    # batched on the GPU: one forward for same-sized inputs, same as single
+    model.to("cuda")
+    try:
+        model.precision = precision
+        two = model.predict([img, img])
+        one = model.predict(img)
+    finally:
+        model.precision = "fp32"
+        model.to("cpu")
+    torch.testing.assert_close(two[1].boxes, one.boxes, atol=1e-2 if precision != "fp32" else 1e-3, rtol=0)

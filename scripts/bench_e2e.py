@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""End-to-end inference speed of zoo's baselines (fp32 and bf16) vs Detectron2's recorded GPU times.
+
+For each model prints one markdown row per variant: ms/image at batch 1 (median after warm-up,
+CUDA-synchronised), images/s at batch --batch, peak GPU memory (torch.cuda.max_memory_allocated, reset per
+variant), detections per image, and Detectron2's recorded ms divided by ours. torchvision's counterpart
+(CUDA only, imported only there) runs in the same process for the R50-FPN models.
+
+Weights are the fixtures' synthetic ones (tests/synth_weights.py, seed 20261124), which give ~100
+detections per image, as in the Detectron2 measurement. Input: tests/fixtures/images/grace_hopper.png
+resized to 938x800 (HxW, short side 800) once, so no model resizes inside the timed region.
+
+    python scripts/bench_e2e.py [--models a,b] [--iters 50] [--batch 8] [--device cuda] [--quick] [--out F.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import zoo  # noqa: E402
+from zoo.modeling import build_model, load_weights  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+SEED = 20261124
+
+# Detectron2 ms/image, batch 1, one H100, fp32 (TF32 allowed, PyTorch defaults), 938x800 grace_hopper,
+# synthetic weights: /work/shared/reference/anchors.md ("GPU" table, measured 2026-11-24).
+D2_MS = {
+    "mask_rcnn_R_50_FPN_3x": 34.8,
+    "faster_rcnn_R_50_FPN_3x": 24.9,
+    "mask_rcnn_R_50_C4_1x": 42.3,
+    "faster_rcnn_R_50_DC5_1x": 29.4,
+    "mask_rcnn_R_101_FPN_3x": 41.5,
+    "faster_rcnn_X_101_32x8d_FPN_3x": 35.9,
+}
+# torchvision's counterparts (same file): ms/image on that H100
+TV_MODELS = {"mask_rcnn_R_50_FPN_3x": ("maskrcnn_resnet50_fpn", 100.1),
+             "faster_rcnn_R_50_FPN_3x": ("fasterrcnn_resnet50_fpn", 58.3)}
+
+
+def load_image() -> np.ndarray:
+    from PIL import Image
+
+    im = Image.open(os.path.join(FIXTURES, "images", "grace_hopper.png")).convert("RGB")  # 512x600 (WxH)
+    return np.asarray(im.resize((800, 938), Image.BILINEAR))
+
+
+def synth_model(name: str, device: torch.device):
+    from synth_weights import synth_state_dict
+
+    rec = json.load(open(os.path.join(FIXTURES, "detectron2", name, "grace_hopper.json")))["weights"]
+    keys = json.load(open(os.path.join(FIXTURES, "state_dicts", f"{name}.json")))
+    model = build_model(zoo.get_manifest(name).architecture)
+    load_weights(model, synth_state_dict(keys, rec.get("seed", SEED), rec.get("pixel_std", 1.0)))
+    return model.to(device).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_s(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall seconds of fn, synchronised after each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(run1: Callable[[], Any], runb: Callable[[], Any], count: Callable[[Any], int],
+            device: torch.device, args) -> dict:
+    """batch-1 ms, batch-B images/s, peak MiB (batch 1 and batch B), detections per image."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = 1000 * median_s(run1, device, args.warmup, args.iters)
+    peak1 = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    dets = count(run1())
+    s = median_s(runb, device, max(1, args.warmup // 5), args.batch_iters)
+    peakb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"ms": ms, "ips": args.batch / s, "peak1": peak1, "peakb": peakb, "dets": dets}
+
+
+def torchvision_model(tv_name: str, device: torch.device):
+    """torchvision's model, weights=None, defaults kept; its cls_score drawn like the synthetic weights so
+    that boxes clear the 0.05 score threshold (random init scores ~1/91 and would return nothing)."""
+    import torchvision  # GPU path only
+
+    m = getattr(torchvision.models.detection, tv_name)(weights=None, weights_backbone=None)
+    cls = m.roi_heads.box_predictor.cls_score
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        cls.weight.copy_(torch.randn(cls.weight.shape, generator=g) * 4.0 / cls.weight.shape[1] ** 0.5)
+        cls.bias.copy_(torch.randn(cls.bias.shape, generator=g))
+    return m.to(device).eval()
+
+
+def fmt(v: Optional[float], spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(D2_MS), help="comma-separated baseline names")
+    ap.add_argument("--iters", type=int, default=50, help="timed batch-1 runs (median)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
+    ap.add_argument("--batch-iters", type=int, default=10, help="timed batched runs (median)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="zoo precisions to time")
+    ap.add_argument("--no-torchvision", action="store_true", help="skip torchvision's counterparts")
+    ap.add_argument("--quick", action="store_true", help="tiny counts: 3 timed runs, 1 warm-up, 1 batched run")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    ap.add_argument("--out", help="also write the table (markdown) to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.iters, args.warmup, args.batch_iters = 3, 1, 1
+
+    notes: list[str] = []
+    lines: list[str] = []
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        notes.append(f"CUDA not available (torch {torch.__version__}): nothing measured; "
+                     "run with --device cpu for a CPU check")
+    else:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+            f"CPU, {torch.get_num_threads()} threads"
+        tf32 = (f", TF32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
+                if device.type == "cuda" else "")
+        notes.append(f"{where}, torch {torch.__version__}{tf32}; image 938x800; batch-1 median of {args.iters} "
+                     f"after {args.warmup} warm-up; batch {args.batch} median of {args.batch_iters}")
+        notes.append("Detectron2 ms: /work/shared/reference/anchors.md (one H100, fp32); "
+                     "'D2/ours' > 1 means faster than Detectron2 (the goal is >= 3)")
+        img = load_image()
+        lines += ["| model | variant | ms/image b1 | D2 ms | D2/ours | images/s b%d | peak MiB b1 | peak MiB b%d "
+                  "| dets/img |" % (args.batch, args.batch), "|---|---|---|---|---|---|---|---|---|"]
+        tv_ok = device.type == "cuda" and not args.no_torchvision
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            d2 = D2_MS.get(name)
+            model = synth_model(name, device)
+            for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+                if prec == "fp16" and device.type != "cuda":
+                    notes.append(f"{name} fp16: skipped (needs CUDA)")
+                    continue
+                model.precision = prec
+                try:
+                    r = measure(lambda: model.predict(img), lambda: model.predict([img] * args.batch), len,
+                                device, args)
+                except Exception as e:  # report and go on with the next variant
+                    notes.append(f"{name} {prec}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    continue
+                lines.append(f"| {name} | zoo {prec} | {r['ms']:.1f} | {fmt(d2, '.1f')} | "
+                             f"{fmt(d2 / r['ms'] if d2 else None, '.2f')} | {r['ips']:.1f} | "
+                             f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} |")
+                print(lines[-1], flush=True)
+            del model
+            if name in TV_MODELS and not tv_ok and device.type != "cuda":
+                notes.append(f"{name}: torchvision's {TV_MODELS[name][0]} not timed (CPU run; GPU-only)")
+            if name in TV_MODELS and tv_ok:
+                tv_name, tv_ms = TV_MODELS[name]
+                try:
+                    tv = torchvision_model(tv_name, device)
+                    x = torch.from_numpy(img.transpose(2, 0, 1).copy()).to(device).float() / 255
+
+                    def tv1():
+                        with torch.inference_mode():
+                            return tv([x])
+
+                    def tvb():
+                        with torch.inference_mode():
+                            return tv([x] * args.batch)
+
+                    r = measure(tv1, tvb, lambda o: len(o[0]["boxes"]), device, args)
+                    lines.append(f"| {name} | torchvision {tv_name} fp32 (anchors: {tv_ms} ms) | {r['ms']:.1f} | "
+                                 f"{fmt(d2, '.1f')} | {fmt(d2 / r['ms'] if d2 else None, '.2f')} | {r['ips']:.1f} | "
+                                 f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} |")
+                    print(lines[-1], flush=True)
+                    del tv
+                except Exception as e:
+                    notes.append(f"{name}: torchvision {tv_name} not timed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}")
+    text = "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
+# Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
+#   bash scripts/gpu_session.sh            # logs and tables land in $OUT (or ./gpu_out)
+# Every step has its own timeout so the whole script ends within about 8 minutes; a failing step does not
+# stop the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+summary="$OUT/summary.log"
+: > "$summary"
+
+step() {  # step NAME SECONDS CMD...: run CMD under timeout, tee into $OUT/NAME.log, record its status
+  local name=$1 secs=$2
+  shift 2
+  echo "=== $name (timeout ${secs}s): $*" | tee -a "$summary"
+  local t0=$SECONDS
+  timeout -k 10 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$summary"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee -a "$summary"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed" | tee -a "$summary"
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" \
+  | tee -a "$summary"
+
+# CUDA tests: Triton kernels vs torchvision/torch, model on CUDA vs CPU, precisions on CUDA
+step tests_kernels_gpu 90 $PY -m pytest -q --timeout 80 -p no:cacheprovider tests/test_kernels_gpu.py
+step tests_model_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda \
+  tests/test_modeling_components.py tests/test_precision_batching.py
+# parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
+step parity_cuda 140 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
+step bench_kernels 45 $PY scripts/bench_kernels.py
+step bench_e2e 150 $PY scripts/bench_e2e.py --device cuda --out "$OUT/bench_e2e.md"
+cat "$summary"

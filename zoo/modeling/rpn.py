@@ -80,8 +80,6 @@ class RPN(nn.Module):
     def find_top_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
                            deltas: list[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:
         """Top-k per level (decoding only those), then per image: clip, size filter, per-level NMS, top-k."""
-        from .. import ops
-
         n = logits[0].shape[0]
         batch_idx = torch.arange(n, device=logits[0].device)[:, None]
         scores_l, boxes_l, level_l = [], [], []

@@ -20,7 +20,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
+        raise InputError(
+            f"device {device!r} asked for, but CUDA is not available here; "
+            "use device='cpu' (--device cpu on the command line)"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda'")
     return dev

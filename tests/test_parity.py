@@ -43,8 +43,6 @@ if DEVICE.startswith("cuda"):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
-# pycocotools' decode trips a NumPy 2 deprecation inside its own code
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def _fixture(name: str, image: str) -> dict:

@@ -44,7 +44,6 @@ if DEVICE.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-
 def _fixture(name: str, image: str) -> dict:
     return json.loads((FIXTURES / "detectron2" / name / f"{image}.json").read_text())
 

@@ -215,3 +215,39 @@ def test_truncated_pth(tmp_path):
     p.write_bytes(p.read_bytes()[:500])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(p)
+
+
+class Bomb:
+    """A few bytes that would make numpy allocate far more than the file holds."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+
+        if self.how == "ndarray":
+            return np.ndarray, ((10**12,), "f8")
+        if self.how == "reconstruct":
+            return multiarray._reconstruct, (np.ndarray, (10**12,), b"b")
+        return multiarray.scalar, (np.dtype("V1000000000"),)
+
+
+@pytest.mark.parametrize("how", ["ndarray", "reconstruct", "scalar"])
+def test_allocation_bombs_are_refused(tmp_path, how):
+    p = tmp_path / "bomb.pkl"
+    p.write_bytes(pickle.dumps({"model": {"w": Bomb(how)}}, protocol=2))
+    assert p.stat().st_size < 300
+    with pytest.raises(CheckpointError, match="refus"):
+        load_checkpoint(p)
+
+
+def test_python2_style_scalar(tmp_path):
+    # Python 2 wrote a scalar's payload as a byte string, which reads back latin1-decoded
+    p = tmp_path / "py2_scalar.pkl"
+    payload = struct.pack("<f", 2.5).decode("latin1")
+    raw = (b"\x80\x02}q\x00X\x01\x00\x00\x00sq\x01cnumpy.core.multiarray\nscalar\nq\x02cnumpy\ndtype\nq\x03"
+           b"X\x02\x00\x00\x00f4q\x04K\x00K\x01\x87q\x05Rq\x06(K\x03X\x01\x00\x00\x00<q\x07NNNJ\xff\xff\xff\xff"
+           b"J\xff\xff\xff\xffK\x00tq\x08bU\x04" + payload.encode("latin1") + b"q\t\x86q\nRq\x0bs.")
+    p.write_bytes(raw)
+    assert load_checkpoint(p)["s"].item() == 2.5

@@ -26,6 +26,17 @@ def _latin1_encode(obj: object, encoding: str = "latin1") -> bytes:
     return obj.encode("latin1")
 
 
+class _NDArrayType:
+    """Stands in for numpy.ndarray: pickles name it only as `_reconstruct`'s subtype, never call it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # ndarray(shape, dtype) would allocate whatever shape a 40-byte file asks for
+        raise CheckpointError("checkpoint calls numpy.ndarray directly, which a weights file never does; refusing it")
+
+
+_NDARRAY = _NDArrayType()
+
+
 def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     import numpy as np
 
@@ -33,17 +44,34 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
         from numpy._core import multiarray, numeric
     except (ImportError, AttributeError):  # NumPy 1.x
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+
+    def reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> Any:
+        # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') + BUILD with the real data, so the
+        # array's size is bounded by the bytes in the file; anything else could allocate without limit.
+        if subtype is not _NDARRAY or tuple(shape) != (0,):
+            raise CheckpointError("checkpoint builds a numpy array in an unusual way; refusing to load it")
+        return multiarray._reconstruct(np.ndarray, (0,), dtype_code)
+
+    def scalar(dtype: Any, data: Any = None) -> Any:
+        # without data (or with a non-bytes payload) numpy would allocate or unpickle objects
+        if isinstance(data, str):  # Python 2 byte strings arrive latin1-decoded
+            data = data.encode("latin1")
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) \
+                or len(data) != dtype.itemsize:
+            raise CheckpointError("checkpoint holds a malformed numpy scalar; refusing to load it")
+        return multiarray.scalar(dtype, data)
+
     table: dict[tuple[str, str], Callable[..., Any]] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _NDARRAY,
         ("numpy", "dtype"): np.dtype,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("_codecs", "encode"): _latin1_encode,
     }
     # Old pickles name numpy.core, NumPy >= 2 writes numpy._core; both map to the live module.
     for core in ("numpy.core", "numpy._core"):
-        table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        table[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
+        table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{core}.multiarray", "scalar")] = scalar
+        table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5: views of file bytes
     return table
 
 

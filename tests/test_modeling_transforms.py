@@ -126,3 +126,32 @@ def test_predict_rejects_empty_list_and_bad_items():
         model.predict([])
     with pytest.raises(InputError, match="dtype float64"):
         model.predict(np.zeros((8, 8, 3)))
+
+
+def test_16bit_png_keeps_its_top_8_bits(tmp_path):
+    ramp = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = to_rgb_array(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+    assert np.array_equal(rgb[:, :, 0], (ramp >> 8).astype(np.uint8))
+    assert (rgb == 255).mean() < 0.01  # not clipped to white
+
+
+def test_float_image_mode_is_refused():
+    with pytest.raises(InputError, match="convert it to 8-bit RGB"):
+        to_rgb_array(Image.fromarray(np.ones((4, 4), dtype=np.float32)))
+
+
+def test_too_elongated_image_is_a_clear_error():
+    with pytest.raises(InputError, match="too elongated"):
+        resized_size(1, 3000, 800, 1333)
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
+    with pytest.raises(InputError, match="MAX_IMAGE_PIXELS"):
+        to_rgb_array(path)

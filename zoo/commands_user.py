@@ -35,7 +35,7 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
         try:
             with Image.open(p):
                 pass
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise InputError(f"cannot read {str(p)!r} as an image ({type(e).__name__}); "
                              "pass JPEG/PNG/BMP/WebP files") from None
     return found

@@ -15,6 +15,18 @@ from ..errors import InputError
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
+def _pil_rgb(im: Image.Image) -> np.ndarray:
+    """HxWx3 uint8 RGB from a PIL image of any mode; 16-bit greyscale keeps its top 8 bits."""
+    if im.mode.startswith("I;16"):
+        # convert("RGB") would clip every value above 255 to white
+        grey = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if im.mode in ("I", "F"):
+        raise InputError(f"image mode {im.mode!r} (32-bit) has no standard 8-bit rendering; "
+                         "convert it to 8-bit RGB first")
+    return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+
+
 def to_rgb_array(image: Any) -> np.ndarray:
     """A path, PIL image (any mode) or HxWx3 uint8 RGB array -> contiguous HxWx3 uint8 RGB array."""
     if isinstance(image, (str, os.PathLike)):
@@ -25,12 +37,15 @@ def to_rgb_array(image: Any) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)  # Detectron2's read_image honours EXIF orientation
-                return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+                return _pil_rgb(im)
+        except Image.DecompressionBombError:
+            raise InputError(f"{str(path)!r} is larger than PIL.Image.MAX_IMAGE_PIXELS allows; downscale it, "
+                             "or raise that limit if you trust the file") from None
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read {str(path)!r} as an image ({type(e).__name__}); "
                              "pass a PNG/JPEG file, a PIL.Image or an HxWx3 uint8 RGB array") from None
     if isinstance(image, Image.Image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        return _pil_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise InputError(f"image array has dtype {image.dtype}; pass uint8 RGB values in 0..255 "
@@ -57,7 +72,11 @@ def resized_size(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, i
     if max(newh, neww) > max_size:
         scale = max_size * 1.0 / max(newh, neww)
         newh, neww = newh * scale, neww * scale
-    return int(newh + 0.5), int(neww + 0.5)
+    out = int(newh + 0.5), int(neww + 0.5)
+    if min(out) < 1:  # Detectron2 would fail inside PIL here
+        raise InputError(f"a {w}x{h} image is too elongated: resizing it to at most {max_size} pixels long "
+                         "leaves a side of 0 pixels; crop or pad it first")
+    return out
 
 
 def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -87,6 +87,18 @@ def test_failed_load_leaves_model_untouched(model):
     assert torch.equal(model.backbone.stem.conv1.weight, before)
 
 
+def test_nan_entry_leaves_model_untouched(model):
+    sd = _own_state(model)
+    first = next(iter(sd))
+    before = model.state_dict()[first].clone()
+    sd[first] = torch.full_like(before, 7.0)
+    last = list(sd)[-1]
+    sd[last] = torch.full_like(sd[last], float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_weights(model, sd)
+    assert torch.equal(model.state_dict()[first], before)
+
+
 def test_released_pkl_layout_round_trip(model, tmp_path):
     keys = json.loads((FIXTURES / "state_dicts" / f"{SMALL}.json").read_text())
     sd = synth_state_dict(keys, seed=7)

@@ -53,13 +53,14 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
             parts.append(_listing("shape-mismatched", mismatched))
         raise CheckpointError("checkpoint does not fit this architecture: " + "; ".join(parts)
                               + "; use the checkpoint released for this model name")
+    # every entry is checked before any is copied, so a bad file leaves the model untouched
+    for k, t in tensors.items():
+        if not t.is_floating_point() and own[k].is_floating_point():
+            raise CheckpointError(f"checkpoint entry {k!r} has dtype {t.dtype}, expected floating point; "
+                                  "use the checkpoint released for this model name")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"checkpoint entry {k!r} contains NaN or Inf; the file is corrupt, "
+                                  "download it again")
     with torch.no_grad():
         for k, t in tensors.items():
-            dst = own[k]
-            if not t.is_floating_point() and dst.is_floating_point():
-                raise CheckpointError(f"checkpoint entry {k!r} has dtype {t.dtype}, expected floating point; "
-                                      "use the checkpoint released for this model name")
-            if not torch.isfinite(t).all():
-                raise CheckpointError(f"checkpoint entry {k!r} contains NaN or Inf; the file is corrupt, "
-                                      "download it again")
-            dst.copy_(t)
+            own[k].copy_(t)

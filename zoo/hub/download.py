@@ -85,7 +85,8 @@ def hash_file(path: Path, *, md5: bool = False) -> tuple[str, Optional[str]]:
     return sha.hexdigest(), (m5.hexdigest() if m5 is not None else None)
 
 
-def _quarantine(path: Path, final: Path) -> Path:
+def _quarantine(path: Path, final: Path) -> str:
+    """Move a bad file out of the way; returns what was done, for the error message."""
     q = Path(str(final) + cache.QUARANTINE)
     try:
         os.replace(path, q)
@@ -96,8 +97,8 @@ def _quarantine(path: Path, final: Path) -> Path:
             path.unlink()
         except FileNotFoundError:
             pass
-        return path
-    return q
+        return "deleted it"
+    return f"moved it to {q}"
 
 
 # ---------------------------------------------------------------- sources
@@ -352,13 +353,13 @@ def _check_cached(final: Path, url: str, sha256: Optional[str]) -> Optional[Path
         origin = "given by the manifest" if sha256 else "pinned locally"
         raise IntegrityError(
             f"cached {final.name} is corrupt: sha256 {actual}, expected {expected} ({origin}); "
-            f"moved it to {q}; run again to download a fresh copy"
+            f"{q}; run again to download a fresh copy"
         )
     if prefix and not md5.startswith(prefix):
         q = _quarantine(final, final)
         raise IntegrityError(
             f"cached {final.name} is corrupt: md5 {md5} does not start with {prefix} as its name says; "
-            f"moved it to {q}; run again to download a fresh copy"
+            f"{q}; run again to download a fresh copy"
         )
     if not expected:
         _pin_quietly(rel, actual)  # trust on first use
@@ -416,19 +417,19 @@ def _publish(partial: Path, final: Path, url: str, sha256: Optional[str], total:
     if prefix and not md5.startswith(prefix):
         q = _quarantine(private, final)
         raise IntegrityError(
-            f"downloaded {final.name} has md5 {md5}, but its name says it starts with {prefix}; moved it to {q}; "
+            f"downloaded {final.name} has md5 {md5}, but its name says it starts with {prefix}; {q}; "
             f"run again, and if it repeats {source} has a damaged or different file"
         )
     if expected and actual != expected:
         q = _quarantine(private, final)
         if pinned:
             raise IntegrityError(
-                f"downloaded {final.name} has sha256 {actual}, but the local pin expects {expected}; moved it to {q}; "
+                f"downloaded {final.name} has sha256 {actual}, but the local pin expects {expected}; {q}; "
                 f"{source} now serves a different file: if you trust it, forget the pin (zoo cache rm) "
                 f"and download again"
             )
         raise IntegrityError(
-            f"downloaded {final.name} has sha256 {actual}, expected {expected}; moved it to {q}; "
+            f"downloaded {final.name} has sha256 {actual}, expected {expected}; {q}; "
             f"run again, and if it repeats {source} has a damaged or different file"
         )
     os.replace(private, final)
@@ -531,7 +532,7 @@ def pin(url: str) -> str:
         q = _quarantine(final, final)
         raise IntegrityError(
             f"cached {final.name} has md5 {md5}, but its name says it starts with {prefix}; not pinned; "
-            f"moved it to {q}; download it again"
+            f"{q}; download it again"
         )
     rel = cache.relpath_for_url(url)
     cache.set_pin(rel, actual)

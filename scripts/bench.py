@@ -3,8 +3,9 @@
 
 Full `predict` on one image (read, resize, network, postprocess, mask pasting), synthetic weights
 (tests/synth_weights.py, seed 20261124), median of N runs after one warm-up, on T threads.
-Detectron2's figures are those of /work/shared/reference/anchors.md ("CPU: these 2-core machines",
-measured 2026-11-26 with the same image, weights and protocol).
+Detectron2's figures come from the project's reference timings (shared/reference/anchors.md, kept outside
+this repository; section "CPU: these 2-core machines", measured 2026-11-26 with the same image, weights and
+protocol).
 
     python scripts/bench.py [--models NAME ...] [--repeats 3] [--threads 2] [--image PATH]
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Detectron2, 2 threads, grace_hopper.png, median of 3 after a warm-up (shared/reference/anchors.md)
+# Detectron2, 2 threads, grace_hopper.png, median of 3 after a warm-up (the project's reference timings, 2026-11-26)
 DETECTRON2_CPU_S = {
     "faster_rcnn_R_50_FPN_3x": 1.69,
     "mask_rcnn_R_50_FPN_3x": 2.29,

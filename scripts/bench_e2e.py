@@ -36,7 +36,8 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SEED = 20261124
 
 # Detectron2 ms/image, batch 1, one H100, fp32 (TF32 allowed, PyTorch defaults), 938x800 grace_hopper,
-# synthetic weights: /work/shared/reference/anchors.md ("GPU" table, measured 2026-11-24).
+# synthetic weights: the project's reference timings (shared/reference/anchors.md, kept outside this
+# repository; "GPU" table, measured 2026-11-24).
 D2_MS = {
     "mask_rcnn_R_50_FPN_3x": 34.8,
     "faster_rcnn_R_50_FPN_3x": 24.9,
@@ -147,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if device.type == "cuda" else "")
         notes.append(f"{where}, torch {torch.__version__}{tf32}; image 938x800; batch-1 median of {args.iters} "
                      f"after {args.warmup} warm-up; batch {args.batch} median of {args.batch_iters}")
-        notes.append("Detectron2 ms: /work/shared/reference/anchors.md (one H100, fp32); "
+        notes.append("Detectron2 ms: the project's reference timings of 2026-11-24 (one H100, fp32); "
                      "'D2/ours' > 1 means faster than Detectron2 (the goal is >= 3)")
         img = load_image()
         lines += ["| model | variant | ms/image b1 | D2 ms | D2/ours | images/s b%d | peak MiB b1 | peak MiB b%d "

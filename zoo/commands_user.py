@@ -242,7 +242,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--amp", action="store_true", help="reduced precision: fp16 on CUDA, bf16 on CPU")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="network precision (default fp32; with --amp fp16 on CUDA, bf16 on CPU)")
-    p.add_argument("--image", help="image to time on (default: a bundled 600x512 photo)")
+    p.add_argument("--image", help="image to time on (default: a bundled 512x600 photo)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     w.add_argument("--synthetic", action="store_true", help="random weights: no download, timing only")

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zoo import ops  # noqa: E402
 from zoo.ops import reference  # noqa: E402
-from zoo.ops.synthetic import random_proposals  # noqa: E402
+from zoo.ops.synthetic import random_proposals, torchvision_pooler  # noqa: E402
 
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 
@@ -54,12 +54,7 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) ->
 
 def tv_pooler(tv, feats, rois, size: int, sr: int) -> torch.Tensor:
     """Detectron2's ROIPooler: level assignment, per-level roi_align, index_put."""
-    lvl = reference.assign_levels(rois, 2, 5)
-    out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
-    for i, (f, s) in enumerate(zip(feats, SCALES)):
-        idx = torch.nonzero(lvl == i).squeeze(1)
-        out[idx] = tv.roi_align(f, rois[idx], size, s, sr, True)
-    return out
+    return torchvision_pooler(tv, feats, rois, size, SCALES, sr)
 
 
 def workloads(device: str, tv):

@@ -11,7 +11,7 @@ import torch
 
 from zoo import ops
 from zoo.ops import reference
-from zoo.ops.synthetic import random_proposals
+from zoo.ops.synthetic import random_proposals, torchvision_pooler
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,14 +35,7 @@ def _pyramid(C: int = 256, dtype=torch.float32, seed: int = 0):
 
 def _tv_pooler(feats, boxes, size, scales, sr):
     """Detectron2's ROIPooler built from torchvision roi_align + index_put."""
-    tv = _tv()
-    rois = reference.boxes_to_rois([boxes])
-    lvl = reference.assign_levels(rois, 2, 5)
-    out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
-    for i, (f, s) in enumerate(zip(feats, scales)):
-        idx = torch.nonzero(lvl == i).squeeze(1)
-        out[idx] = tv.roi_align(f, rois[idx], size, s, sr, True)
-    return out
+    return torchvision_pooler(_tv(), feats, reference.boxes_to_rois([boxes]), size, scales, sr)
 
 
 def test_fpn_pooler_matches_torchvision():

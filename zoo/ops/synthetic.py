@@ -1,4 +1,4 @@
-"""RPN-like random boxes for benchmarks and GPU tests of the ops."""
+"""Helpers for the ops benchmarks and GPU tests: RPN-like random boxes, the torchvision baseline pooler."""
 from __future__ import annotations
 
 import math
@@ -18,3 +18,16 @@ def random_proposals(n: int, seed: int, *, smin: float = 8.0, smax: float = 800.
     b[:, 0::2] = b[:, 0::2].clamp(0, width)
     b[:, 1::2] = b[:, 1::2].clamp(0, height)
     return b.to(device)
+
+
+def torchvision_pooler(tv_ops, feats: list[torch.Tensor], rois: torch.Tensor, size: int, scales: list[float],
+                       sampling_ratio: int) -> torch.Tensor:
+    """Detectron2's ROIPooler built from torchvision's roi_align (module passed in): per-level calls + scatter."""
+    from .reference import assign_levels
+
+    lvl = assign_levels(rois, 2, 5)
+    out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+    for i, (f, s) in enumerate(zip(feats, scales)):
+        idx = torch.nonzero(lvl == i).squeeze(1)
+        out[idx] = tv_ops.roi_align(f, rois[idx], size, s, sampling_ratio, True)
+    return out

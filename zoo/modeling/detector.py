@@ -44,7 +44,7 @@ class ImageBatch:
 class Trace:
     """Intermediate results of one forward pass, for parity checks and debugging."""
 
-    batch: ImageBatch
+    batch: Optional[ImageBatch]  # set by trace(); run() sees only the padded tensor
     features: dict[str, torch.Tensor]
     proposals: list[Proposals]
     instances: list[RawInstances]
@@ -118,7 +118,7 @@ class GeneralizedRCNN(nn.Module):
             features = self.backbone(images.contiguous(memory_format=torch.channels_last))
             proposals = self.proposal_generator(features, image_sizes)
             instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
-        return Trace(ImageBatch(images, list(image_sizes), list(image_sizes)), features, proposals, instances)
+        return Trace(None, features, proposals, instances)  # the batch (with original sizes) is trace()'s
 
     def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:
         """Detections in original-image pixels (boxes rescaled and clipped, masks pasted)."""

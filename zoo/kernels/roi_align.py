@@ -121,6 +121,16 @@ def _roi_setup(rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, 
     return lvl, bi, H, W, y1, x1, bh, bw, gh, gw
 
 
+@triton.jit
+def _tile(cb, C, OH: tl.constexpr, OW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's channels and output bins, their masks, and each bin's (row, col)."""
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_b = tl.arange(0, BLOCK_B)
+    ph = (offs_b // OW).to(tl.float32)
+    pw = (offs_b % OW).to(tl.float32)
+    return offs_c, offs_b, offs_c < C, offs_b < OH * OW, ph, pw
+
+
 _NO_SPEC = ["C", "H0", "H1", "H2", "H3", "H4", "W0", "W1", "W2", "W3", "W4", "sr"]
 
 
@@ -141,12 +151,7 @@ def _roi_align_fwd_kernel(
         min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
         INTERPRET)
     feat = _pick(lvl, f0, f1, f2, f3, f4, NUM_LEVELS)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_b = tl.arange(0, BLOCK_B)
-    cmask = offs_c < C
-    bmask = offs_b < OH * OW
-    ph = (offs_b // OW).to(tl.float32)
-    pw = (offs_b % OW).to(tl.float32)
+    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, C, OH, OW, BLOCK_C, BLOCK_B)
     plane = feat + (bi * C + offs_c.to(tl.int64))[:, None] * H * W
     acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
     ghf = gh * 1.0
@@ -185,12 +190,7 @@ def _roi_align_bwd_kernel(
         min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
         INTERPRET)
     grad = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_b = tl.arange(0, BLOCK_B)
-    cmask = offs_c < C
-    bmask = offs_b < OH * OW
-    ph = (offs_b // OW).to(tl.float32)
-    pw = (offs_b % OW).to(tl.float32)
+    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, C, OH, OW, BLOCK_C, BLOCK_B)
     gptr = gout_ptr + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
     g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(gh * gw, 1) * 1.0

@@ -224,3 +224,69 @@ def test_batched_nms_matches_torch(K, n, classes):
     assert reference.use_vanilla_batched_nms(boxes) == (n == 1100)
     assert torch.equal(K.batched_nms(boxes, scores, idxs, 0.5),
                        reference.batched_nms(boxes, scores, idxs, 0.5))
+
+
+def _fixed_case(seed: int, n: int, classes: int, invalid_frac: float):
+    gen = torch.Generator().manual_seed(seed)
+    boxes, scores = _boxes(gen, n, ties=seed % 2 == 0)
+    idxs = torch.randint(0, classes, (n,), generator=gen)
+    valid = torch.rand(n, generator=gen) >= invalid_frac
+    return boxes, scores, idxs, valid
+
+
+def _want_fixed(boxes, scores, idxs, valid, thr, max_out):
+    """batched_nms over the valid boxes only, mapped back to the original indices."""
+    vidx = torch.nonzero(valid).squeeze(1)
+    return vidx[reference.batched_nms(boxes[vidx], scores[vidx], idxs[vidx], thr)][:max_out]
+
+
+# (n, classes): 1100 boxes with few invalid cross torchvision's CPU regime limit (1000 boxes)
+@pytest.mark.parametrize("n,classes,invalid", [(0, 3, 0.0), (50, 1, 0.3), (300, 80, 0.5),
+                                               (1100, 4, 0.05), (1100, 4, 0.2)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batched_nms_fixed_equals_batched_nms_of_valid(K, n, classes, invalid, backend):
+    boxes, scores, idxs, valid = _fixed_case(n + classes, n, classes, invalid)
+    for max_out in (5, 1000):
+        want = _want_fixed(boxes, scores, idxs, valid, 0.5, max_out)
+        out, cnt, complete = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.5, max_out,
+                                                   backend=backend)
+        assert out.shape == (max_out,) and out.dtype == torch.long
+        assert int(cnt) == want.numel() and bool(complete)
+        assert torch.equal(out[: want.numel()], want)
+        assert bool((out[want.numel():] == -1).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batched_nms_fixed_capacity(K, backend):
+    # one class of heavily overlapping boxes: few survive, so a small capacity is incomplete
+    gen = torch.Generator().manual_seed(5)
+    n = 400
+    xy = torch.rand(n, 2, generator=gen) * 8
+    boxes = torch.cat([xy, xy + 40], 1)
+    scores = torch.rand(n, generator=gen)
+    idxs = torch.zeros(n, dtype=torch.long)
+    valid = torch.ones(n, dtype=torch.bool)
+    full = _want_fixed(boxes, scores, idxs, valid, 0.7, 50)
+    out, cnt, complete = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.7, 50, capacity=n,
+                                               backend=backend)
+    assert bool(complete) and torch.equal(out[: int(cnt)], full)
+    k = 2  # a prefix that keeps >= max_out boxes gives exactly the full result's first ones
+    out, cnt, complete = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.7, k,
+                                               capacity=3 * k, backend=backend)
+    assert bool(complete) == (int(cnt) >= k)
+    if bool(complete):
+        assert torch.equal(out, full[:k])
+    out, cnt, complete = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.7, 50, capacity=4,
+                                               backend=backend)
+    assert not bool(complete) and int(cnt) <= 4
+
+
+def test_batched_nms_fixed_invalid_boxes_do_not_suppress(K):
+    # the invalid top-scoring box covers the valid one exactly: it must not remove it
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]])
+    scores = torch.tensor([0.9, 0.5, float("nan")])
+    idxs = torch.zeros(3, dtype=torch.long)
+    valid = torch.tensor([False, True, False])
+    for backend in ("torch", "triton"):
+        out, cnt, _ = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.5, 3, backend=backend)
+        assert out.tolist() == [1, -1, -1] and int(cnt) == 1, backend

@@ -126,21 +126,33 @@ def _run(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
          idxs: Tensor | None) -> tuple[Tensor, Tensor]:
     """Kept original indices in score order, padded with -1, and the count tensor."""
     dev = boxes.device
-    n = boxes.shape[0]
-    out = torch.full((max_out,), -1, dtype=torch.long, device=dev)
-    count = torch.zeros((), dtype=torch.long, device=dev)
-    if n == 0 or max_out == 0:
-        return out, count
+    if boxes.shape[0] == 0 or max_out == 0:
+        return _empty(max_out, dev)
     order, sb, cdt = _prepare(boxes, scores)
+    cls = idxs.index_select(0, order).to(torch.int64).contiguous() if idxs is not None else None
+    return _launch(sb, order, cls, iou_threshold, max_out, cdt)
+
+
+def _empty(max_out: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.full((max_out,), -1, dtype=torch.long, device=dev),
+            torch.zeros((), dtype=torch.long, device=dev))
+
+
+def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float, max_out: int,
+            cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """NMS over boxes already in score order (`sb`, [n,4] in `cdt`); `order[i]` is the index
+    written out for row i; `cls` (optional) makes it class-aware."""
+    dev = sb.device
+    n = sb.shape[0]
+    out, count = _empty(max_out, dev)
     n_words = triton.cdiv(n, _WORD)
     # x > thr (double) iff x > the largest representable value <= thr; an fp32 value
     # travels exactly as a float argument (no host->device copy, graph-capturable).
     thr = reference.threshold_below(iou_threshold, cdt)
     thr_t = torch.tensor([thr], dtype=cdt, device=dev) if cdt == torch.float64 else sb
     mask = torch.empty((n, n_words), dtype=torch.int64, device=dev)
-    cls = idxs.index_select(0, order).to(torch.int64).contiguous() if idxs is not None else order
-    _nms_mask_kernel[(n_words, n_words)](sb, cls, thr, thr_t, mask, n, n_words,
-                                         USE_CLASS=idxs is not None,
+    _nms_mask_kernel[(n_words, n_words)](sb, order if cls is None else cls, thr, thr_t, mask,
+                                         n, n_words, USE_CLASS=cls is not None,
                                          THR_FROM_PTR=cdt == torch.float64, BLOCK=_WORD,
                                          num_warps=_mask_warps(cdt), enable_fp_fusion=False)
     removed = torch.zeros((n_words,), dtype=torch.int64, device=dev)
@@ -174,3 +186,44 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     max_coordinate = boxes.max()  # stays on device: no sync
     offsets = idxs.to(boxes) * (max_coordinate + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor,
+                      iou_threshold: float, max_out: int,
+                      capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sync-free batched NMS over the `valid` boxes; see zoo.ops.batched_nms_fixed.
+
+    torchvision's regime (per-class on the original coordinates, or the coordinate-offset
+    trick) is chosen on device from the valid count. Both equal class-aware NMS on the
+    coordinates they use, so one class-aware launch serves both. Invalid boxes sort last and
+    become zero boxes, which neither suppress nor are suppressed; they are cut from the result.
+    """
+    dev = boxes.device
+    n = boxes.shape[0]
+    if n == 0 or max_out == 0:
+        return (*_empty(max_out, dev), torch.ones((), dtype=torch.bool, device=dev))
+    valid = valid.to(torch.bool)
+    n_valid = valid.sum()
+    vanilla = n_valid * 4 > reference.vanilla_batched_nms_limit(dev)
+    b = boxes.detach()
+    max_coordinate = torch.where(valid[:, None], b, float("-inf")).max()
+    # same dtype and rounding as the coordinate trick of torchvision / zoo.ops.reference; a
+    # Python 1 instead of torch.tensor(1) keeps host->device copies out of CUDA graphs
+    offsets = idxs.to(b) * (max_coordinate + 1)
+    coords = torch.where(vanilla, b, b + offsets[:, None])
+    # valid first, each part by decreasing score, ties by index (two stable sorts)
+    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    order = order[torch.sort((~valid[order]).to(torch.uint8), stable=True).indices]
+    m = n if capacity is None else min(n, int(capacity))
+    order = order[:m].contiguous()
+    cdt = reference.acc_dtype(boxes.dtype)
+    sel_valid = valid[order]
+    sb = torch.where(sel_valid[:, None], coords[order].to(cdt), 0).contiguous()
+    cls = idxs[order].to(torch.int64).contiguous()
+    out, _ = _launch(sb, order, cls, iou_threshold, max_out, cdt)
+    # kept rows come out in row order, so the valid ones form a prefix
+    kept_valid = (out >= 0) & valid[out.clamp(min=0)]
+    count = kept_valid.sum()
+    out = torch.where(kept_valid, out, -1)
+    complete = (n_valid <= m) | (count >= max_out)
+    return out, count, complete

@@ -12,9 +12,10 @@ from torch import nn
 from ..errors import InputError
 from ..manifest import Architecture
 from .backbone import build_backbone
-from .mask_paste import detector_postprocess
-from .roi_heads import RawInstances, build_roi_heads
-from .rpn import RPN, Proposals
+from .box_coder import nonempty
+from .mask_paste import detector_postprocess, paste_masks_in_image, rescale_boxes
+from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
+from .rpn import RPN, ProposalBatch, Proposals
 from .transforms import normalize_and_pad, resize_uint8, resized_size, to_rgb_array
 
 
@@ -73,6 +74,11 @@ class GeneralizedRCNN(nn.Module):
         # "fp32" (exact, default), "bf16" or "fp16" (CUDA): the network runs under torch.autocast, while box
         # decoding, scores, NMS and mask pasting stay fp32
         self.precision = "fp32"
+        # True: the fixed-shape inference path (no host synchronisation until the detections are read;
+        # exact: an image whose fixed-capacity NMS cannot guarantee the exact result is recomputed);
+        # False: the dynamic path; None (default): fixed shapes on CUDA, dynamic on CPU, where a host
+        # sync costs nothing and the dynamic path skips the padding work
+        self.static_shapes: Optional[bool] = None
         # oneDNN (CPU) and cuDNN run these convs faster on NHWC; the state_dict is unaffected
         self.to(memory_format=torch.channels_last)
         self.eval()
@@ -120,6 +126,68 @@ class GeneralizedRCNN(nn.Module):
             instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
         return Trace(None, features, proposals, instances)  # the batch (with original sizes) is trace()'s
 
+    def uses_static_shapes(self, device: torch.device) -> bool:
+        """Whether predict/trace take the fixed-shape path on `device` (see `static_shapes`)."""
+        if self.static_shapes is None:
+            return torch.device(device).type == "cuda"
+        return bool(self.static_shapes)
+
+    def run_static(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]
+                   ) -> tuple[dict[str, torch.Tensor], ProposalBatch, InstanceBatch]:
+        """The network with fixed shapes and no host synchronisation: features, padded proposals and
+        padded detections (resized-image pixels)."""
+        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        with self._autocast(images.device):
+            features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+            proposals = self.proposal_generator(features, image_sizes, static=True)
+            instances = self.roi_heads.forward_static(features, proposals.boxes, proposals.counts, image_sizes)
+        instances.complete = instances.complete & proposals.complete
+        return features, proposals, instances
+
+    def compact_static(self, instances: InstanceBatch, batch: ImageBatch) -> InstanceBatch:
+        """detector_postprocess's box part on device: boxes in original pixels, empty ones dropped by
+        moving the survivors to the front (order kept); masks are not pasted yet."""
+        slots = torch.arange(instances.scores.shape[1], device=instances.scores.device)
+        parts = []
+        for i, (rs, os_) in enumerate(zip(batch.image_sizes, batch.original_sizes)):
+            boxes = rescale_boxes(instances.boxes[i], rs, os_)
+            keep = (slots < instances.counts[i]) & nonempty(boxes)
+            order = torch.sort((~keep).to(torch.uint8), stable=True).indices
+            mp = None if instances.mask_probs is None else instances.mask_probs[i].index_select(0, order)
+            parts.append((boxes.index_select(0, order), instances.scores[i].index_select(0, order),
+                          instances.classes[i].index_select(0, order), keep.sum(), mp))
+        b, sc, c, n, mp = zip(*parts)
+        return InstanceBatch(torch.stack(b), torch.stack(sc), torch.stack(c), torch.stack(n),
+                             instances.complete, None if mp[0] is None else torch.stack(mp))
+
+    def finalize_static(self, instances: InstanceBatch, batch: ImageBatch) -> list[Any]:
+        """run_static's detections for users: one host synchronisation, then slicing and mask pasting."""
+        from ..results import Detections
+
+        final = self.compact_static(instances, batch)
+        counts = torch.cat([final.counts, final.complete.to(torch.int64)]).tolist()  # the one sync
+        n = len(batch.image_sizes)
+        out = []
+        for i in range(n):
+            if not counts[n + i]:  # capacity could not guarantee exactness: recompute exactly
+                sub = ImageBatch(batch.tensor[i:i + 1], batch.image_sizes[i:i + 1], batch.original_sizes[i:i + 1])
+                out.extend(self.postprocess(self.forward(sub.tensor, sub.image_sizes), sub))
+                continue
+            c, os_ = counts[i], batch.original_sizes[i]
+            boxes = final.boxes[i, :c]
+            masks = None
+            if final.mask_probs is not None:
+                masks = paste_masks_in_image(final.mask_probs[i, :c], boxes, os_, self.mask_threshold)
+            out.append(Detections(boxes=boxes, scores=final.scores[i, :c], labels=final.classes[i, :c],
+                                  masks=masks, image_size=(int(os_[0]), int(os_[1]))))
+        return out
+
+    def detect(self, batch: ImageBatch) -> list[Any]:
+        """Detections in original-image pixels for a preprocessed batch (static or dynamic path)."""
+        if self.uses_static_shapes(batch.tensor.device):
+            return self.finalize_static(self.run_static(batch.tensor, batch.image_sizes)[2], batch)
+        return self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
+
     def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:
         """Detections in original-image pixels (boxes rescaled and clipped, masks pasted)."""
         from ..results import Detections
@@ -137,6 +205,13 @@ class GeneralizedRCNN(nn.Module):
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         with torch.inference_mode():
             batch = self.preprocess(images)
+            if self.uses_static_shapes(batch.tensor.device):
+                features, proposals, instances = self.run_static(batch.tensor, batch.image_sizes)
+                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch(),
+                           self.finalize_static(instances, batch))
+                if not bool(instances.complete.all()):  # the detections were recomputed exactly
+                    tr.instances = self.run(batch.tensor, batch.image_sizes).instances
+                return tr
             tr = self.run(batch.tensor, batch.image_sizes)
             tr.batch = batch
             tr.detections = self.postprocess(tr.instances, batch)
@@ -185,7 +260,7 @@ class GeneralizedRCNN(nn.Module):
                 for s in range(0, len(idx), step):
                     part = idx[s:s + step]
                     batch = self.preprocess([images[i] for i in part])
-                    for i, d in zip(part, self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)):
+                    for i, d in zip(part, self.detect(batch)):
                         dets[i] = d
         # plain tensors, so callers may modify results in place outside inference mode
         dets = [Detections(d.boxes.clone(), d.scores.clone(), d.labels.clone(),

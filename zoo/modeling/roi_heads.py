@@ -23,6 +23,30 @@ class RawInstances:
     mask_probs: Optional[torch.Tensor] = None  # [D, M, M] in [0, 1]
 
 
+@dataclass
+class InstanceBatch:
+    """Static-shape detections: `counts[i]` leading rows of image i are real, the rest zero padding.
+
+    `complete[i]` False means a fixed-capacity NMS could not guarantee Detectron2's exact result
+    (the caller recomputes that image with the dynamic path).
+    """
+
+    boxes: torch.Tensor  # [N, D, 4]
+    scores: torch.Tensor  # [N, D]
+    classes: torch.Tensor  # [N, D] int64
+    counts: torch.Tensor  # [N] int64
+    complete: torch.Tensor  # [N] bool
+    mask_probs: Optional[torch.Tensor] = None  # [N, D, M, M]
+
+    def unbatch(self) -> list[RawInstances]:
+        """Per-image RawInstances (reads the counts: synchronises with the device)."""
+        out = []
+        for i, c in enumerate(self.counts.tolist()):
+            mp = None if self.mask_probs is None else self.mask_probs[i, :c]
+            out.append(RawInstances(self.boxes[i, :c], self.scores[i, :c], self.classes[i, :c], mp))
+        return out
+
+
 class ROIPooler(nn.Module):
     """ROIAlign (aligned) over one or several levels via zoo.ops; output in box order."""
 
@@ -65,7 +89,36 @@ def fast_rcnn_inference_single_image(boxes: torch.Tensor, scores: torch.Tensor, 
     return RawInstances(boxes[keep], scores[keep], inds[keep, 1])
 
 
+def fast_rcnn_inference_fixed(boxes: torch.Tensor, scores: torch.Tensor, proposal_valid: torch.Tensor,
+                              image_size: tuple[int, int], score_thresh: float, nms_thresh: float, topk: int,
+                              capacity: Optional[int]) -> tuple[torch.Tensor, ...]:
+    """fast_rcnn_inference_single_image with static shapes and no host synchronisation.
+
+    The filters become a validity mask over all (proposal, class) pairs in Detectron2's row-major
+    order, and NMS runs on the `capacity` best of them. Returns boxes [topk, 4], scores [topk],
+    classes [topk] (zero padded), the count and the complete flag.
+    """
+    from .. import ops
+    from .rpn import gather_rows
+
+    row_ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1) & proposal_valid
+    scores = scores[:, :-1]
+    r, k = scores.shape
+    num_reg = boxes.shape[1] // 4
+    boxes = clip_boxes(boxes.reshape(-1, 4), image_size).view(r, num_reg, 4).expand(r, k, 4).reshape(-1, 4)
+    valid = ((scores > score_thresh) & row_ok[:, None]).reshape(-1)
+    scores = scores.reshape(-1)
+    classes = torch.arange(k, device=scores.device).repeat(r)
+    keep, count, complete = ops.batched_nms_fixed(boxes, scores, classes, valid, nms_thresh, topk, capacity)
+    return gather_rows(boxes, keep), gather_rows(scores, keep), gather_rows(classes, keep), count, complete
+
+
 class _ROIHeadsBase(nn.Module):
+    # NMS candidates per image in the static path (of up to 1000 proposals x 80 classes): the
+    # best-scoring ones; an image where fewer than detections_per_image survive among them while
+    # more passed the score threshold is flagged incomplete and recomputed exactly
+    static_nms_capacity = 4096
+
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
         rh = arch.roi_heads
@@ -90,6 +143,19 @@ class _ROIHeadsBase(nn.Module):
                                              self.detections_per_image)
             for b, s, size in zip(pred.split(counts), probs.split(counts), image_sizes)
         ]
+
+    def _inference_static(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
+                          counts: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
+        n, k = proposals.shape[:2]
+        pred = self.box2box_transform.apply_deltas(deltas, proposals.reshape(-1, 4)).view(n, k, -1)
+        probs = torch.softmax(logits.float(), dim=-1).view(n, k, -1)
+        slots = torch.arange(k, device=proposals.device)
+        if self.detections_per_image < 0:
+            raise ValueError("the static path needs detections_per_image >= 0")
+        outs = [fast_rcnn_inference_fixed(pred[i], probs[i], slots < counts[i], size, self.score_thresh,
+                                          self.nms_thresh, self.detections_per_image, self.static_nms_capacity)
+                for i, size in enumerate(image_sizes)]
+        return InstanceBatch(*(torch.stack(t) for t in zip(*outs)))
 
     def _attach_masks(self, results: list[RawInstances], mask_logits: torch.Tensor) -> None:
         classes = torch.cat([r.classes for r in results]) if results else torch.zeros(0, dtype=torch.long)
@@ -131,6 +197,19 @@ class StandardROIHeads(_ROIHeadsBase):
             self._attach_masks(results, self.mask_head(self.mask_pooler(feats, boxes)))
         return results
 
+    def forward_static(self, features: dict[str, torch.Tensor], proposals: torch.Tensor, counts: torch.Tensor,
+                       image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
+        """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout."""
+        feats = [features[f] for f in self.in_features]
+        x = self.box_head(self.box_pooler(feats, _rois(proposals)))
+        logits, deltas = self.box_predictor(x)
+        del x
+        out = self._inference_static(logits, deltas, proposals, counts, image_sizes)
+        if self.mask_on:
+            mask_logits = self.mask_head(self.mask_pooler(feats, _rois(out.boxes)))
+            out.mask_probs = _static_mask_probs(mask_logits, out.classes)
+        return out
+
 
 class Res5ROIHeads(_ROIHeadsBase):
     """C4: pool 14x14 from res4, run res5 (stride 2), mean-pool for the predictor; mask head re-runs res5."""
@@ -151,10 +230,13 @@ class Res5ROIHeads(_ROIHeadsBase):
         if rh.mask_head is not None:
             self.mask_head = MaskRCNNConvUpsampleHead(out_channels, rh.num_classes, rh.mask_head)
 
-    def _res5_chunks(self, feature: torch.Tensor, boxes: list[torch.Tensor]):
+    def _res5_chunks(self, feature: torch.Tensor, boxes: list[torch.Tensor] | torch.Tensor):
         # flatten (image, box) pairs into chunks so 1000 ROIs x 1024 x 14 x 14 never sit in memory at once
-        flat = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
-                          for i, b in enumerate(boxes)]) if boxes else feature.new_zeros((0, 5))
+        if isinstance(boxes, torch.Tensor):
+            flat = _rois(boxes)
+        else:
+            flat = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
+                              for i, b in enumerate(boxes)]) if boxes else feature.new_zeros((0, 5))
         for start in range(0, max(len(flat), 1), self.chunk_size):
             chunk = flat[start:start + self.chunk_size]
             yield self.res5(self.pooler([feature], chunk))
@@ -172,6 +254,32 @@ class Res5ROIHeads(_ROIHeadsBase):
             mask_logits = torch.cat([self.mask_head(x) for x in self._res5_chunks(feature, boxes)])
             self._attach_masks(results, mask_logits)
         return results
+
+    def forward_static(self, features: dict[str, torch.Tensor], proposals: torch.Tensor, counts: torch.Tensor,
+                       image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
+        """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout."""
+        feature = features[self.in_features[0]]
+        outs = [self.box_predictor(x.mean(dim=[2, 3])) for x in self._res5_chunks(feature, proposals)]
+        logits = torch.cat([o[0] for o in outs])
+        deltas = torch.cat([o[1] for o in outs])
+        out = self._inference_static(logits, deltas, proposals, counts, image_sizes)
+        if self.mask_on:
+            mask_logits = torch.cat([self.mask_head(x) for x in self._res5_chunks(feature, out.boxes)])
+            out.mask_probs = _static_mask_probs(mask_logits, out.classes)
+        return out
+
+
+def _rois(boxes: torch.Tensor) -> torch.Tensor:
+    """[N, K, 4] per-image boxes -> [N*K, 5] rows of (image index, x1, y1, x2, y2)."""
+    n, k = boxes.shape[:2]
+    idx = torch.arange(n, dtype=boxes.dtype, device=boxes.device)[:, None].expand(n, k).reshape(-1)
+    return torch.cat([idx[:, None], boxes.reshape(-1, 4)], dim=1)
+
+
+def _static_mask_probs(mask_logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    n, d = classes.shape
+    probs = mask_probs(mask_logits, classes.reshape(-1))
+    return probs.view(n, d, *probs.shape[1:])
 
 
 def build_roi_heads(arch: Architecture, input_shape: dict[str, tuple[int, int]]) -> nn.Module:

@@ -21,6 +21,22 @@ class Proposals:
     objectness_logits: torch.Tensor  # [R]
 
 
+@dataclass
+class ProposalBatch:
+    """Static-shape RPN output: `counts[i]` leading rows of image i are its proposals, the rest is
+    zero padding; `complete[i]` False means the fixed-capacity NMS could not guarantee exactness."""
+
+    boxes: torch.Tensor  # [N, K, 4]
+    objectness_logits: torch.Tensor  # [N, K]
+    counts: torch.Tensor  # [N] int64
+    complete: torch.Tensor  # [N] bool
+
+    def unbatch(self) -> list[Proposals]:
+        """Per-image Proposals (reads the counts: synchronises with the device)."""
+        return [Proposals(b[:c], s[:c]) for b, s, c in
+                zip(self.boxes, self.objectness_logits, self.counts.tolist())]
+
+
 class StandardRPNHead(nn.Module):
     """Shared 3x3 conv + relu, then 1x1 objectness (A) and 1x1 deltas (A*4) on every level."""
 
@@ -65,8 +81,9 @@ class RPN(nn.Module):
         self.post_nms_topk = spec.post_nms_topk_test
         self.min_box_size = float(spec.min_size)
 
-    def forward(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:
-        """Proposals for each image of the batch."""
+    def forward(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]],
+                static: bool = False) -> list[Proposals] | ProposalBatch:
+        """Proposals for each image of the batch; static=True: a ProposalBatch, no host synchronisation."""
         feats = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(feats)
         logits, deltas = self.rpn_head(feats)
@@ -75,11 +92,13 @@ class RPN(nn.Module):
         logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
         deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
                   for x in deltas]
+        if static:
+            return self.find_top_proposals_static(anchors, logits, deltas, image_sizes)
         return self.find_top_proposals(anchors, logits, deltas, image_sizes)
 
-    def find_top_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
-                           deltas: list[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:
-        """Top-k per level (decoding only those), then per image: clip, size filter, per-level NMS, top-k."""
+    def _decode_top_per_level(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
+                              deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k logits per level and their decoded boxes: scores [N, C], boxes [N, C, 4], levels [C]."""
         n = logits[0].shape[0]
         batch_idx = torch.arange(n, device=logits[0].device)[:, None]
         scores_l, boxes_l, level_l = [], [], []
@@ -96,6 +115,12 @@ class RPN(nn.Module):
         scores = torch.cat(scores_l, dim=1)
         boxes = torch.cat(boxes_l, dim=1)
         levels = torch.cat(level_l, dim=0)
+        return scores, boxes, levels
+
+    def find_top_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
+                           deltas: list[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:
+        """Top-k per level (decoding only those), then per image: clip, size filter, per-level NMS, top-k."""
+        scores, boxes, levels = self._decode_top_per_level(anchors, logits, deltas)
         results = []
         for i, size in enumerate(image_sizes):
             b, s, lv = boxes[i], scores[i], levels
@@ -109,6 +134,34 @@ class RPN(nn.Module):
             keep = _nms_topk(b, s, lv, self.nms_thresh, self.post_nms_topk, single_level=len(anchors) == 1)
             results.append(Proposals(b[keep], s[keep]))
         return results
+
+    def find_top_proposals_static(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
+                                  deltas: list[torch.Tensor],
+                                  image_sizes: Sequence[tuple[int, int]]) -> ProposalBatch:
+        """find_top_proposals with fixed shapes: filters become a validity mask, NMS a fixed-capacity op."""
+        from .. import ops
+
+        scores, boxes, levels = self._decode_top_per_level(anchors, logits, deltas)
+        k = self.post_nms_topk
+        out_b, out_s, counts, complete = [], [], [], []
+        for i, size in enumerate(image_sizes):
+            b, s = boxes[i], scores[i]
+            valid = torch.isfinite(b).all(dim=1) & torch.isfinite(s)
+            b = clip_boxes(b, size)
+            valid &= nonempty(b, self.min_box_size)
+            keep, count, done = ops.batched_nms_fixed(b, s, levels, valid, self.nms_thresh, k)
+            out_b.append(gather_rows(b, keep))
+            out_s.append(gather_rows(s, keep))
+            counts.append(count)
+            complete.append(done)
+        return ProposalBatch(torch.stack(out_b), torch.stack(out_s), torch.stack(counts), torch.stack(complete))
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along dim 0 where idx >= 0, zeros where idx is -1 (padding)."""
+    rows = x.index_select(0, idx.clamp(min=0))
+    ok = (idx >= 0).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(ok, rows, 0)
 
 
 def _nms_topk(boxes: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor, thresh: float, k: int,

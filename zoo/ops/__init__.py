@@ -33,7 +33,7 @@ from zoo.errors import ZooError
 from zoo.ops import reference
 from zoo.ops.reference import BoxesLike
 
-__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed",
+__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed",
            "resolve_backend", "triton_available"]
 
 _BACKENDS = ("torch", "triton")
@@ -147,3 +147,22 @@ def nms_fixed(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
         n = min(max_out, keep.numel())
         out[:n] = keep[:n]
         return out, torch.tensor(n, dtype=torch.long, device=boxes.device)
+
+
+def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor,
+                      iou_threshold: float, max_out: int, capacity: Optional[int] = None,
+                      *, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Static-shape batched_nms over the `valid` boxes: (indices[max_out] padded with -1,
+    kept count, complete flag), all tensors.
+
+    Only the `capacity` highest-scoring valid boxes are candidates (None: all); `complete`
+    is False when fewer than max_out survive among them while more valid boxes exist, i.e.
+    when the result may differ from batched_nms(...)[:max_out]. The triton backend never
+    synchronises with the host (CUDA-graph friendly); the torch backend does.
+    """
+    with _no_autocast(boxes):
+        if resolve_backend(backend, boxes) == "triton":
+            return _kernels(boxes).batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold,
+                                                     max_out, capacity)
+        return reference.batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out,
+                                           capacity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -371,10 +372,16 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
 
 def threshold_below(thr: float, dtype: torch.dtype) -> float:
     """Largest `dtype` value <= thr: for x in dtype, x > thr (in double) iff x > it."""
+    if dtype in _NUMPY_FLOATS:  # host arithmetic only: no torch tensor to read back
+        t = _NUMPY_FLOATS[dtype](thr)
+        return float(np.nextafter(t, -np.inf, dtype=t.dtype) if float(t) > thr else t)
     t = torch.tensor(thr, dtype=dtype)
     if float(t) > thr:
         t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
     return float(t)
+
+
+_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 class _IouGt:
@@ -480,9 +487,14 @@ def _batched_nms_coordinate_trick(boxes: Tensor, scores: Tensor, idxs: Tensor,
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
+def vanilla_batched_nms_limit(device: torch.device) -> int:
+    """torchvision's rule: batched_nms loops per class above this many box elements (4 per box)."""
+    return 4000 if device.type == "cpu" else 20000
+
+
 def use_vanilla_batched_nms(boxes: Tensor) -> bool:
     """torchvision's rule: per-class loop above 4000 (CPU) / 20000 (GPU) elements."""
-    return boxes.numel() > (4000 if boxes.device.type == "cpu" else 20000)
+    return boxes.numel() > vanilla_batched_nms_limit(boxes.device)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -490,3 +502,36 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if use_vanilla_batched_nms(boxes):
         return _batched_nms_vanilla(boxes, scores, idxs, iou_threshold)
     return _batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)
+
+
+def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor,
+                      iou_threshold: float, max_out: int,
+                      capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """batched_nms over the boxes where `valid`, as static-shape tensors.
+
+    Returns (indices [max_out] padded with -1, kept count, complete). Only the `capacity`
+    highest-scoring valid boxes enter NMS (all when None); the regime and the coordinate
+    offset still come from all valid boxes, as if NMS had seen them. Greedy NMS decides a box
+    from higher-scoring boxes only, so the first max_out kept are exact whenever max_out boxes
+    survive among those candidates; `complete` is False when that is not guaranteed.
+    """
+    dev = boxes.device
+    out = torch.full((max_out,), -1, dtype=torch.long, device=dev)
+    vidx = torch.nonzero(valid).squeeze(1)
+    nv = vidx.numel()
+    if nv == 0 or max_out == 0:
+        return out, torch.zeros((), dtype=torch.long, device=dev), torch.ones((), dtype=torch.bool, device=dev)
+    order = vidx[torch.sort(scores[vidx], descending=True, stable=True).indices]
+    cand = order if capacity is None else order[:capacity]
+    b, s, c = boxes[cand], scores[cand], idxs[cand]
+    if nv * 4 > vanilla_batched_nms_limit(dev):
+        keep = _batched_nms_vanilla(b, s, c, iou_threshold)
+    else:
+        max_coordinate = boxes[vidx].max()
+        offsets = c.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+        keep = nms(b + offsets[:, None], s, iou_threshold)
+    keep = cand[keep[:max_out]]
+    out[:keep.numel()] = keep
+    complete = cand.numel() == nv or keep.numel() >= max_out
+    return (out, torch.tensor(keep.numel(), dtype=torch.long, device=dev),
+            torch.tensor(complete, device=dev))

@@ -1,0 +1,239 @@
+"""The fixed-shape inference path (GeneralizedRCNN.static_shapes, the default on CUDA).
+
+- It gives the dynamic path's detections (bit-exact on CPU), for one image and for a batch, and an
+  image whose fixed-capacity NMS cannot guarantee exactness is recomputed with the dynamic path.
+- From image tensor to compacted detections it makes no host synchronisation: checked on CPU by a
+  TorchFunctionMode that records every op that would synchronise with a GPU (reading a value, a
+  data-dependent shape), while the Triton kernels run in the interpreter. tests/test_kernels_gpu.py
+  repeats the check on CUDA with torch's own sync debug mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+# the interpreter must be chosen before triton is first imported (see test_kernels_triton.py)
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.modeling import build_model, load_weights  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_weights import synth_state_dict  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _image(stem: str) -> np.ndarray:
+    return np.asarray(Image.open(FIXTURES / "images" / f"{stem}.png").convert("RGB"))
+
+
+def _small_synthetic(name: str):
+    """`name` with the fixtures' synthetic weights at a 320-pixel test size."""
+    arch = zoo.get_manifest(name).architecture
+    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": 320,
+                                                                          "max_size_test": 512})})
+    m = build_model(arch)
+    load_weights(m, synth_state_dict(json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())))
+    return m
+
+
+def _assert_same(a, b):
+    assert a.image_size == b.image_size
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    assert (a.masks is None) == (b.masks is None)
+    if a.masks is not None:
+        assert torch.equal(a.masks, b.masks)
+
+
+@pytest.fixture(scope="module")
+def mask_c4():
+    return _small_synthetic("mask_rcnn_R_50_C4_1x")
+
+
+@pytest.fixture(scope="module")
+def mask_fpn():
+    return _small_synthetic("mask_rcnn_R_50_FPN_3x")
+
+
+@pytest.mark.parametrize("which", ["mask_fpn", "mask_c4"])
+def test_static_equals_dynamic(request, which, monkeypatch):
+    monkeypatch.setenv("ZOO_OPS", "torch")
+    m = request.getfixturevalue(which)
+    # a batch of two same-sized images, plus (FPN) a third size; C4 is slow on CPU, so just the batch
+    images = [_image("grace_hopper"), _image("grace_hopper")[:, ::-1].copy()]
+    if which == "mask_fpn":
+        images.append(_image("scene_427x640"))
+    out = {}
+    for static in (False, True):
+        m.static_shapes = static
+        out[static] = m.predict(images)
+    m.static_shapes = None
+    assert len(out[False][0]) > 0
+    for a, b in zip(out[False], out[True]):
+        _assert_same(a, b)
+
+
+def test_incomplete_nms_is_recomputed_exactly(mask_fpn, monkeypatch):
+    monkeypatch.setenv("ZOO_OPS", "torch")
+    m = mask_fpn
+    m.static_shapes = False
+    want = m.predict(_image("grace_hopper"))
+    m.static_shapes = True
+    monkeypatch.setattr(m.roi_heads, "static_nms_capacity", 8)
+    with torch.inference_mode():
+        batch = m.preprocess([_image("grace_hopper")])
+        _, _, inst = m.run_static(batch.tensor, batch.image_sizes)
+    assert not bool(inst.complete.all())  # 8 candidates cannot yield 100 detections
+    got = m.predict(_image("grace_hopper"))
+    m.static_shapes = None
+    assert len(want) > 8
+    _assert_same(want, got)
+
+
+def test_default_is_static_on_cuda_only(mask_fpn):
+    assert mask_fpn.static_shapes is None
+    assert mask_fpn.uses_static_shapes(torch.device("cuda"))
+    assert not mask_fpn.uses_static_shapes(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+
+_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "equal",
+          "allclose", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
+
+
+def _is_bool_index(idx) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class SyncRecorder(TorchFunctionMode):
+    """Records torch calls that would make the host wait for a GPU: reading values back or shapes
+    that depend on values (boolean indexing, nonzero, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.suspended = 0
+
+    def _syncs(self, name: str, args, kwargs) -> bool:
+        if name in _READS:
+            return True
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            return _is_bool_index(args[1])
+        if name == "repeat_interleave":
+            reps = args[1] if len(args) > 1 else kwargs.get("repeats")
+            return isinstance(reps, torch.Tensor) and kwargs.get("output_size") is None
+        if name == "to":  # an explicit "cpu" target; a device taken from a tensor here is the CPU anyway
+            return any(isinstance(a, str) and a.startswith("cpu") for a in (*args[1:], *kwargs.values()))
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if not self.suspended and self._syncs(name, args, kwargs):
+            where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()
+                     if f"{os.sep}zoo{os.sep}" in f.filename]
+            self.calls.append(f"{name} at {' <- '.join(reversed(where[-3:]))}")
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def interpreted_kernels(monkeypatch):
+    """zoo.kernels in the interpreter, with a hook that pauses a SyncRecorder during kernel launches
+    (the interpreter copies arguments to numpy; on a GPU a launch is asynchronous)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (CPU-only host); on CUDA "
+                    "tests/test_kernels_gpu.py checks syncs with torch.cuda.set_sync_debug_mode")
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    recorder = SyncRecorder()
+    run = InterpretedFunction.run
+
+    def paused_run(self, *args, **kwargs):
+        recorder.suspended += 1
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            recorder.suspended -= 1
+
+    monkeypatch.setattr(InterpretedFunction, "run", paused_run)
+    monkeypatch.setenv("ZOO_OPS", "triton")
+    return recorder
+
+
+def _tiny(name: str):
+    """`name`'s layout, narrow and small, with few proposals, random weights, scores biased so that a
+    few classes pass the test threshold: the interpreter runs it in seconds."""
+    arch = zoo.get_manifest(name).architecture
+    rh = arch.roi_heads
+    up = {"input": arch.input.model_copy(update={"min_size_test": 64, "max_size_test": 96}),
+          "resnet": arch.resnet.model_copy(update={"stem_out_channels": 8, "res2_out_channels": 16,
+                                                   "width_per_group": 4}),
+          "rpn": arch.rpn.model_copy(update={"pre_nms_topk_test": 40, "post_nms_topk_test": 12}),
+          "roi_heads": rh.model_copy(update={
+              "detections_per_image": 6, "num_classes": 5,
+              "box_head": rh.box_head.model_copy(update={"fc_dim": 32}),
+              "mask_head": rh.mask_head.model_copy(update={"conv_dim": 8})})}
+    if arch.fpn is not None:
+        up["fpn"] = arch.fpn.model_copy(update={"out_channels": 16})
+    m = build_model(arch.model_copy(update=up))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+        m.roi_heads.box_predictor.cls_score.bias[:3] = 6.0
+    return m
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy 0/0 in the kernels' padded lanes
+@pytest.mark.parametrize("name", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x"])
+def test_static_path_never_syncs(interpreted_kernels, name):
+    m = _tiny(name)
+    m.static_shapes = True
+    gen = torch.Generator().manual_seed(1)
+    images = [(torch.rand(48, 64, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    with torch.inference_mode():
+        batch = m.preprocess(images)
+        with interpreted_kernels:
+            _, _, inst = m.run_static(batch.tensor, batch.image_sizes)
+            final = m.compact_static(inst, batch)
+    assert interpreted_kernels.calls == [], "\n".join(interpreted_kernels.calls)
+    assert bool(inst.complete.all()) and final.counts.tolist() == [6, 6]
+    got = m.predict(images)
+
+    m.static_shapes = False
+    os.environ["ZOO_OPS"] = "torch"  # restored by the fixture's monkeypatch
+    want = m.predict(images)
+    for a, b in zip(want, got):
+        assert a.image_size == b.image_size and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+        assert (a.masks != b.masks).float().mean() < 1e-3
+
+
+def test_recorder_catches_syncs():
+    rec = SyncRecorder()
+    t = torch.arange(6)
+    with rec:
+        t[t > 2]
+        bool(t.sum())
+        t.nonzero()
+        t.to("cpu")
+        t.to(t.device)  # not a move
+        t[torch.tensor([1, 2])]  # integer indexing stays on device
+        torch.where(t > 2, t, 0)
+    assert [c.split()[0] for c in rec.calls] == ["__getitem__", "__bool__", "nonzero", "to"]

@@ -2,7 +2,8 @@
 
 Each case regenerates the synthetic weights with tests/synth_weights.py, loads them strictly and compares
 sizes, backbone feature summaries, the top-50 RPN proposals and the final instances (boxes, scores,
-classes, masks). Baselines that share an architecture and weights (the 1x and 3x schedules) compute
+classes, masks), for the device's default inference path on every image and the other one (dynamic or
+fixed-shape, GeneralizedRCNN.static_shapes) on the first. Baselines that share an architecture and weights (the 1x and 3x schedules) compute
 identical outputs, so the network runs once per distinct (architecture, seed, pixel_std) and image.
 """
 from __future__ import annotations
@@ -60,7 +61,11 @@ def _order(name: str) -> tuple:
     return (arch.layout, arch.resnet.model_dump_json(), _key(name), name)
 
 
-CASES = [(n, im) for n in sorted(NAMES, key=_order) for im in IMAGES]
+# Each device's default inference path on every image; the other path (static_shapes) on the first image.
+DEFAULT_PATH = "static" if DEVICE.startswith("cuda") else "dynamic"
+OTHER_PATH = "dynamic" if DEFAULT_PATH == "static" else "static"
+CASES = [c for n in sorted(NAMES, key=_order)
+         for c in [(n, im, DEFAULT_PATH) for im in IMAGES] + [(n, IMAGES[0], OTHER_PATH)]]
 
 
 @dataclass
@@ -106,10 +111,11 @@ class Runner:
             self._model, self._key = model.to(DEVICE), key
         return self._model
 
-    def run(self, name: str, image: str) -> Outcome:
+    def run(self, name: str, image: str, path: str) -> Outcome:
         model = self.model(name)
-        rk = (self._key, image)
+        rk = (self._key, image, path)
         if rk not in self._results:
+            model.static_shapes = path == "static"
             tr = model.trace(FIXTURES / "images" / f"{image}.png")
             det = tr.detections[0]
             feats = {k: {"shape": list(v.shape[1:]), "flat": v[0].float().flatten().cpu(),
@@ -158,10 +164,10 @@ def _decode_rle(rle: dict) -> np.ndarray:
     return mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
-@pytest.mark.parametrize("name,image", CASES, ids=[f"{n}-{i}" for n, i in CASES])
-def test_parity(runner, name, image):
+@pytest.mark.parametrize("name,image,path", CASES, ids=[f"{n}-{i}-{p}" for n, i, p in CASES])
+def test_parity(runner, name, image, path):
     ref = _fixture(name, image)
-    out = runner.run(name, image)
+    out = runner.run(name, image, path)
 
     # input pipeline
     inp = ref["input"]

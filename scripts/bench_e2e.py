@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end inference speed of zoo's baselines (fp32 and bf16) vs Detectron2's recorded GPU times.
+"""End-to-end inference speed of zoo's baselines (fp32/bf16, with and without CUDA graphs) vs Detectron2's GPU times.
 
 For each model prints one markdown row per variant: ms/image at batch 1 (median after warm-up,
 CUDA-synchronised), images/s at batch --batch, peak GPU memory (torch.cuda.max_memory_allocated, reset per
@@ -126,7 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
     ap.add_argument("--batch-iters", type=int, default=10, help="timed batched runs (median)")
-    ap.add_argument("--precisions", default="fp32,bf16", help="zoo precisions to time")
+    ap.add_argument("--variants", "--precisions", dest="variants", default="fp32,fp32+dynamic,fp32+graphs,bf16+graphs",
+                    help="zoo variants to time: a precision (fp32, bf16, fp16), '+graphs' for CUDA graphs, "
+                         "'+dynamic' for the dynamic (host-synchronising) path")
     ap.add_argument("--no-torchvision", action="store_true", help="skip torchvision's counterparts")
     ap.add_argument("--quick", action="store_true", help="tiny counts: 3 timed runs, 1 warm-up, 1 batched run")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -157,18 +159,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             d2 = D2_MS.get(name)
             model = synth_model(name, device)
-            for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-                if prec == "fp16" and device.type != "cuda":
-                    notes.append(f"{name} fp16: skipped (needs CUDA)")
+            for variant in [p.strip() for p in args.variants.split(",") if p.strip()]:
+                prec, *flags = variant.split("+")
+                if device.type != "cuda" and (prec == "fp16" or "graphs" in flags):
+                    notes.append(f"{name} {variant}: skipped (needs CUDA)")
                     continue
                 model.precision = prec
+                model.cuda_graphs = "graphs" in flags
+                model.static_shapes = False if "dynamic" in flags else None
                 try:
                     r = measure(lambda: model.predict(img), lambda: model.predict([img] * args.batch), len,
                                 device, args)
                 except Exception as e:  # report and go on with the next variant
-                    notes.append(f"{name} {prec}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    notes.append(f"{name} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
-                lines.append(f"| {name} | zoo {prec} | {r['ms']:.1f} | {fmt(d2, '.1f')} | "
+                lines.append(f"| {name} | zoo {variant} | {r['ms']:.1f} | {fmt(d2, '.1f')} | "
                              f"{fmt(d2 / r['ms'] if d2 else None, '.2f')} | {r['ips']:.1f} | "
                              f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} |")
                 print(lines[-1], flush=True)

@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo import ops  # noqa: E402
 from zoo.modeling import build_model, load_weights  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -237,3 +238,71 @@ def test_recorder_catches_syncs():
         t[torch.tensor([1, 2])]  # integer indexing stays on device
         torch.where(t > 2, t, 0)
     assert [c.split()[0] for c in rec.calls] == ["__getitem__", "__bool__", "nonzero", "to"]
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU session runs these)")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x"])
+def test_cuda_static_path_never_syncs(name):
+    m = _tiny(name).cuda()
+    m.static_shapes = True
+    gen = torch.Generator().manual_seed(1)
+    images = [(torch.rand(48, 64, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    with torch.inference_mode():
+        batch = m.preprocess(images)
+        m.compact_static(m.run_static(batch.tensor, batch.image_sizes)[2], batch)  # compile, fill caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            final = m.compact_static(m.run_static(batch.tensor, batch.image_sizes)[2], batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert final.counts.tolist() == [6, 6]
+
+
+@cuda
+def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
+    m = _small_synthetic("mask_rcnn_R_50_FPN_3x").cuda()
+    images = [_image("grace_hopper"), _image("grace_hopper")[:, ::-1].copy(), _image("scene_427x640")]
+    m.static_shapes = False
+    dynamic = m.predict(images)
+    m.static_shapes = True
+    static = m.predict(images)
+    m.cuda_graphs = True
+    graphs = m.predict(images)
+    again = m.predict(images)  # replays
+    assert len(m._graph_cache) == 2  # two input shapes
+    for d, s, g, a in zip(dynamic, static, graphs, again):
+        _assert_same(s, g)
+        _assert_same(s, a)
+        # dynamic vs static: GEMMs over padded vs unpadded ROI counts may pick other cuBLAS kernels
+        assert torch.equal(d.labels, s.labels)
+        torch.testing.assert_close(d.boxes, s.boxes, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(d.scores, s.scores, rtol=1e-4, atol=1e-5)
+    m.cuda_graphs = False
+
+
+@cuda
+def test_cuda_batched_nms_fixed_matches_torchvision():
+    tv = pytest.importorskip("torchvision.ops", reason="torchvision not installed")
+    from zoo.ops.synthetic import random_proposals
+
+    g = torch.Generator().manual_seed(3)
+    # RPN (5 levels x ~1000, coordinate trick) and box head (1000 proposals x 80 classes, capacity 4096)
+    # (box head at 10% valid: 8000 boxes > 5000, torchvision's per-class regime)
+    for n, classes, keep_frac, max_out, capacity in [(4741, 5, 0.9, 1000, None), (80000, 80, 0.03, 100, 4096),
+                                                     (80000, 80, 0.1, 100, 4096)]:
+        boxes = random_proposals(n, n, device="cuda", smax=300.0)
+        scores = torch.rand(n, generator=g).cuda()
+        idxs = torch.randint(0, classes, (n,), generator=g).cuda()
+        valid = torch.rand(n, generator=g).cuda() < keep_frac
+        vidx = valid.nonzero().squeeze(1)
+        want = vidx[tv.batched_nms(boxes[vidx], scores[vidx], idxs[vidx], 0.5)][:max_out]
+        out, cnt, complete = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.5, max_out, capacity,
+                                                   backend="triton")
+        assert bool(complete) and int(cnt) == want.numel()
+        assert torch.equal(out[: want.numel()], want)

@@ -79,9 +79,17 @@ class GeneralizedRCNN(nn.Module):
         # False: the dynamic path; None (default): fixed shapes on CUDA, dynamic on CPU, where a host
         # sync costs nothing and the dynamic path skips the padding work
         self.static_shapes: Optional[bool] = None
+        # on CUDA with the fixed-shape path: replay the network from CUDA graphs captured per input signature
+        # (shape, sizes, precision); off by default (each captured shape holds its own graph)
+        self.cuda_graphs = False
+        self._graph_cache = None
         # oneDNN (CPU) and cuDNN run these convs faster on NHWC; the state_dict is unaffected
         self.to(memory_format=torch.channels_last)
         self.eval()
+
+    def _apply(self, fn, recurse: bool = True):  # moved or cast: captured graphs point at the old tensors
+        self._graph_cache = None
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:
@@ -162,9 +170,12 @@ class GeneralizedRCNN(nn.Module):
 
     def finalize_static(self, instances: InstanceBatch, batch: ImageBatch) -> list[Any]:
         """run_static's detections for users: one host synchronisation, then slicing and mask pasting."""
+        return self._deliver(self.compact_static(instances, batch), batch)
+
+    def _deliver(self, final: InstanceBatch, batch: ImageBatch, copy: bool = False) -> list[Any]:
+        """Compacted detections -> Detections per image (copy=True: own the tensors, not views into `final`)."""
         from ..results import Detections
 
-        final = self.compact_static(instances, batch)
         counts = torch.cat([final.counts, final.complete.to(torch.int64)]).tolist()  # the one sync
         n = len(batch.image_sizes)
         out = []
@@ -174,17 +185,25 @@ class GeneralizedRCNN(nn.Module):
                 out.extend(self.postprocess(self.forward(sub.tensor, sub.image_sizes), sub))
                 continue
             c, os_ = counts[i], batch.original_sizes[i]
-            boxes = final.boxes[i, :c]
+            boxes, scores, labels = final.boxes[i, :c], final.scores[i, :c], final.classes[i, :c]
+            if copy:
+                boxes, scores, labels = boxes.clone(), scores.clone(), labels.clone()
             masks = None
             if final.mask_probs is not None:
                 masks = paste_masks_in_image(final.mask_probs[i, :c], boxes, os_, self.mask_threshold)
-            out.append(Detections(boxes=boxes, scores=final.scores[i, :c], labels=final.classes[i, :c],
-                                  masks=masks, image_size=(int(os_[0]), int(os_[1]))))
+            out.append(Detections(boxes=boxes, scores=scores, labels=labels, masks=masks,
+                                  image_size=(int(os_[0]), int(os_[1]))))
         return out
 
     def detect(self, batch: ImageBatch) -> list[Any]:
         """Detections in original-image pixels for a preprocessed batch (static or dynamic path)."""
         if self.uses_static_shapes(batch.tensor.device):
+            if self.cuda_graphs and batch.tensor.is_cuda:
+                if self._graph_cache is None:
+                    from .graphs import GraphCache
+
+                    self._graph_cache = GraphCache()
+                return self._deliver(self._graph_cache.run(self, batch), batch, copy=True)
             return self.finalize_static(self.run_static(batch.tensor, batch.image_sizes)[2], batch)
         return self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
 

@@ -122,10 +122,11 @@ def test_nms_matches_torchvision(n):
         assert torch.equal(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), thr))
 
 
-@pytest.mark.parametrize("n,classes", [(4700, 80), (4741, 5), (6000, 80)])
+@pytest.mark.parametrize("n,classes", [(4700, 80), (4741, 5), (6000, 80), (80000, 80), (40000, 1)])
 def test_batched_nms_matches_torchvision(n, classes):
     # 4700x80: the ROI-heads case; 4741x5: RPN per-level (coordinate trick on GPU);
-    # 6000 boxes = 24000 elements > 20000: torchvision's per-class loop regime.
+    # 6000 boxes = 24000 elements > 20000: torchvision's per-class loop regime; 80000x80: several
+    # class groups (zoo.kernels.nms._GROUP); 40000x1: one class larger than a group.
     tv = _tv()
     boxes = _proposals(n, 20 + n, smax=300.0)
     scores = torch.rand(n, device=DEV)

@@ -290,3 +290,18 @@ def test_batched_nms_fixed_invalid_boxes_do_not_suppress(K):
     for backend in ("torch", "triton"):
         out, cnt, _ = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.5, 3, backend=backend)
         assert out.tolist() == [1, -1, -1] and int(cnt) == 1, backend
+
+
+@pytest.mark.parametrize("classes", [1, 3, 40])
+def test_batched_nms_per_class_groups(K, classes, monkeypatch):
+    # above the group size, the per-class regime runs several class-aware launches over whole classes
+    # (one class bigger than a group runs alone); the result must not change
+    knms = importlib.import_module("zoo.kernels.nms")  # the package's `nms` attribute is the function
+    monkeypatch.setattr(knms, "_GROUP", 200)
+    gen = torch.Generator().manual_seed(classes)
+    boxes, scores = _boxes(gen, 1100, ties=True)
+    idxs = torch.randint(0, classes, (1100,), generator=gen)
+    assert reference.use_vanilla_batched_nms(boxes)
+    for thr in (0.3, 0.6):
+        assert torch.equal(K.batched_nms(boxes, scores, idxs, thr),
+                           reference.batched_nms(boxes, scores, idxs, thr))

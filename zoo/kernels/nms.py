@@ -180,12 +180,44 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.long, device=boxes.device)
     if reference.use_vanilla_batched_nms(boxes):
-        # Per-class loop == class-aware IoU on the original coordinates, score order.
-        out, _ = _run(boxes, scores, iou_threshold, boxes.shape[0], idxs)
-        return out[out >= 0]
+        return _batched_nms_per_class(boxes, scores, idxs, iou_threshold)
     max_coordinate = boxes.max()  # stays on device: no sync
     offsets = idxs.to(boxes) * (max_coordinate + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+# Boxes per class-aware launch in torchvision's per-class regime. The bitmask is n x n/64 words, so one
+# launch over 80k boxes would take 800 MB; groups of whole classes bound it (32 MB here, or one class's
+# own square when a class alone is larger, as in torchvision's per-class loop) with few launches.
+_GROUP = 16384
+
+
+def _batched_nms_per_class(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Per-class NMS (class-aware IoU on the original coordinates), kept indices by decreasing score."""
+    n = boxes.shape[0]
+    if n <= _GROUP:
+        out, _ = _run(boxes, scores, iou_threshold, n, idxs)
+        return out[out >= 0]
+    order, sb, cdt = _prepare(boxes, scores)
+    cls = idxs.index_select(0, order).to(torch.int64)
+    by_class = torch.sort(cls, stable=True).indices  # class-major, score order inside each class
+    order, sb, cls = order[by_class], sb[by_class], cls[by_class]
+    sizes = torch.unique_consecutive(cls, return_counts=True)[1].tolist()  # host sync, as the result's length
+    bounds, start, end = [], 0, 0
+    for size in sizes:
+        if end > start and end - start + size > _GROUP:
+            bounds.append((start, end))
+            start = end
+        end += size
+    bounds.append((start, end))
+    kept = []
+    for s, e in bounds:
+        out, _ = _launch(sb[s:e].contiguous(), order[s:e].contiguous(), cls[s:e].contiguous(),
+                         iou_threshold, e - s, cdt)
+        kept.append(out)
+    keep = torch.cat(kept)
+    keep = keep[keep >= 0].sort().values  # like torchvision: index order, then a stable sort by score
+    return keep[torch.sort(scores.index_select(0, keep), descending=True, stable=True).indices]
 
 
 def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor,

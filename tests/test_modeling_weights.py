@@ -168,3 +168,21 @@ def test_folded_frozen_bn_matches_and_follows_reloads():
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), unfolded(), rtol=1e-5, atol=1e-5)
     assert "_folded" not in "".join(conv.state_dict())
+
+
+def test_folded_copy_in_autocast_dtype_gives_the_same_result():
+    # under autocast the folded copy is kept in bf16; conv2d would have cast the fp32 copy the same way
+    torch.manual_seed(1)
+    conv = Conv2d(8, 16, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(16))
+    with torch.no_grad():
+        conv.norm.weight.uniform_(0.5, 1.5)
+        conv.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.inference_mode():
+        fp32_w, fp32_b = conv._folded_params("cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = torch.nn.functional.conv2d(x, fp32_w, fp32_b, 1, 1)
+            got = conv(x)
+            assert conv._folded[0].dtype == torch.bfloat16
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+        assert conv(x).dtype == torch.float32 and conv._folded[0].dtype == torch.float32

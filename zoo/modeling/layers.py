@@ -52,14 +52,17 @@ class Conv2d(nn.Conv2d):
         self._fold_key: Optional[tuple] = None
         self._folded: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
-    def _folded_params(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _folded_params(self, device_type: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         norm = self.norm
         assert norm is not None
+        # under autocast keep the copy in the autocast dtype: conv2d would cast it on every call anyway
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = (
             _tensor_key(self.weight),
             None if self.bias is None else _tensor_key(self.bias),
             tuple(_tensor_key(b) for b in (norm.weight, norm.bias, norm.running_mean, norm.running_var)),
             torch.is_inference_mode_enabled(),
+            cast,
         )
         if key != self._fold_key:
             with torch.no_grad():
@@ -67,6 +70,8 @@ class Conv2d(nn.Conv2d):
                 w = self.weight.detach() * scale.view(-1, 1, 1, 1)
                 b = shift if self.bias is None else self.bias.detach() * scale + shift
                 # keep the memory format the conv would use (channels_last models stay fast)
+                if cast is not None:
+                    w, b = w.to(cast), b.to(cast)
                 if self.weight.is_contiguous(memory_format=torch.channels_last):
                     w = w.contiguous(memory_format=torch.channels_last)
                 self._folded = (w, b)
@@ -80,7 +85,7 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return self.norm(self._conv_forward(x, self.weight, self.bias))
-        w, b = self._folded_params()
+        w, b = self._folded_params(x.device.type)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _apply(self, fn, recurse: bool = True):  # drop the cache when moved or cast

@@ -20,6 +20,9 @@ def test_bench_synthetic_prints_time_memory_and_published_time(tmp_path):
     assert re.search(r"^peak mem\s+\d+ MiB", out, re.M), out
     assert "grace_hopper.jpg 512x600 resized to 320x375, batch 1" in out  # the bundled image, at the test size
     assert "synthetic" in out
+    assert re.search(r"^path\s+dynamic$", out, re.M), out  # the CPU default
+    r = zoo_cmd("bench", m["name"], "--synthetic", "--iters", "1", "--warmup", "0", "--path", "static", env=env)
+    assert r.returncode == 0 and re.search(r"^path\s+fixed-shape$", r.stdout, re.M), r.stdout + r.stderr
 
 
 def test_bench_rejects_bad_options_before_loading(tmp_path):
@@ -31,3 +34,5 @@ def test_bench_rejects_bad_options_before_loading(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("zoo: error: cannot read"), r.stderr
     r = zoo_cmd("bench", "faster_rcnn_R_50_FPN", "--synthetic")
     assert r.returncode == 1 and "did you mean" in r.stderr
+    r = zoo_cmd("bench", BASE, "--synthetic", "--device", "cpu", "--cuda-graphs")
+    assert r.returncode == 1 and r.stderr.startswith("zoo: error: --cuda-graphs needs a CUDA device"), r.stderr

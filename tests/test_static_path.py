@@ -109,6 +109,13 @@ def test_default_is_static_on_cuda_only(mask_fpn):
     assert not mask_fpn.uses_static_shapes(torch.device("cpu"))
 
 
+def test_get_sets_and_checks_the_inference_options():
+    m = zoo.get("faster_rcnn_R_50_FPN_3x", pretrained=False, device="cpu", static_shapes=True)
+    assert m.static_shapes is True and m.cuda_graphs is False and m.uses_static_shapes(m.device)
+    with pytest.raises(zoo.errors.InputError, match="cuda_graphs needs a CUDA device"):
+        zoo.get("faster_rcnn_R_50_FPN_3x", pretrained=False, device="cpu", cuda_graphs=True)
+
+
 # ---------------------------------------------------------------------------------------------- host syncs
 
 _READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "equal",

@@ -37,20 +37,27 @@ def get(
     device: Union[str, torch.device, None] = "cpu",
     quiet: Optional[bool] = None,
     precision: str = "fp32",
+    static_shapes: Optional[bool] = None,
+    cuda_graphs: bool = False,
 ) -> torch.nn.Module:
     """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights).
 
     precision: "fp32" (default; the exact path), "bf16" (CPU or CUDA) or "fp16" (CUDA only) runs the
     network under torch.autocast; boxes, scores and masks come back fp32/bool either way. It can be
     changed later with `model.precision = ...`.
+
+    static_shapes: None (default) uses the fixed-shape, sync-free inference path on CUDA and the dynamic one
+    on CPU; True/False forces one (same detections). cuda_graphs=True (CUDA only) replays the fixed-shape
+    path from CUDA graphs captured per input shape. Both are attributes of the model too.
     """
     from .hub import fetch, load_checkpoint
     from .modeling import build_model, load_weights
-    from .modeling.detector import check_precision
+    from .modeling.detector import check_graph_options, check_precision
 
     manifest = get_manifest(name)
     dev = resolve_device(device)
     check_precision(precision, dev)  # before any download
+    check_graph_options(static_shapes, cuda_graphs, dev)
     model = build_model(manifest.architecture)
     model.manifest = manifest
     if weights is not None:
@@ -62,4 +69,6 @@ def get(
         ck = manifest.checkpoint
         load_weights(model, load_checkpoint(fetch(ck.url, sha256=ck.sha256, quiet=quiet)))
     model.precision = precision
+    model.static_shapes = static_shapes
+    model.cuda_graphs = cuda_graphs
     return model.to(dev).eval()

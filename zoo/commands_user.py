@@ -163,8 +163,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # --amp: the model's own reduced precision (autocast on the network; decoding, NMS, pasting stay fp32)
     precision = args.precision or (("fp16" if on_gpu else "bf16") if args.amp else "fp32")
     check_precision(precision, resolve_device(args.device))  # before any download
+    static = {"auto": None, "static": True, "dynamic": False}[args.path]
+    if args.cuda_graphs and not on_gpu:
+        raise InputError("--cuda-graphs needs a CUDA device; drop it or pass --device cuda")
+    if args.cuda_graphs and static is False:
+        raise InputError("--cuda-graphs replays the fixed-shape path; use it with --path static or auto")
     model = load_model(args.name, args.weights, args.device, synthetic=args.synthetic)
     model.precision = precision
+    model.static_shapes = static
+    model.cuda_graphs = args.cuda_graphs
     dev = model.device
     iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
@@ -201,6 +208,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("\n".join([
         f"model      {manifest.name} (weights: {weights})",
         f"device     {dev} ({where}), torch {torch.__version__}, {precision}",
+        f"path       {'fixed-shape' if model.uses_static_shapes(dev) else 'dynamic'}"
+        f"{' + CUDA graphs' if args.cuda_graphs else ''}",
         f"input      {image_path.name} {w}x{h} resized to {rw}x{rh}, batch {args.batch}",
         f"time       {median:.4f} s/im median of {iters} (min {min(times):.4f}, max {max(times):.4f}), "
         f"after {warmup} warm-up",
@@ -243,6 +252,9 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="network precision (default fp32; with --amp fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--image", help="image to time on (default: a bundled 512x600 photo)")
+    p.add_argument("--path", choices=("auto", "static", "dynamic"), default="auto",
+                   help="inference path: fixed-shape (no host sync) or dynamic; auto: fixed-shape on CUDA")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the fixed-shape path from CUDA graphs")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     w.add_argument("--synthetic", action="store_true", help="random weights: no download, timing only")

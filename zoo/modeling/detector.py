@@ -32,6 +32,14 @@ def check_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device: torch.device) -> None:
+    """Raise InputError (saying what works) for CUDA graphs off CUDA or without the fixed-shape path."""
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise InputError("cuda_graphs needs a CUDA device; leave it off on CPU")
+    if cuda_graphs and static_shapes is False:
+        raise InputError("cuda_graphs replays the fixed-shape path; use static_shapes=True or None with it")
+
+
 @dataclass
 class ImageBatch:
     """A preprocessed batch: normalised, zero-padded images plus the sizes needed to undo resizing."""

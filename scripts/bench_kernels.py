@@ -99,6 +99,29 @@ def workloads(device: str, tv):
     out.append(("Batched NMS 80 classes n=4700 (IoU 0.5)", trip("batched_nms", b, s, c, 0.5),
                 (lambda: tv.batched_nms(b, s, c, 0.5)) if tv else None,
                 torch_path("batched_nms", b, s, c, 0.5)))
+    b = proposals(80000, 98, device, smax=300.0)
+    s = torch.rand(80000, generator=g, device=device)
+    c = torch.randint(0, 80, (80000,), generator=g, device=device)
+    out.append(("Batched NMS 80 classes n=80000 (per-class regime, IoU 0.5)", trip("batched_nms", b, s, c, 0.5),
+                (lambda: tv.batched_nms(b, s, c, 0.5)) if tv else None,
+                torch_path("batched_nms", b, s, c, 0.5)))
+    # the box head's fixed-shape NMS: 1000 proposals x 80 classes, 3% above the score threshold
+    valid = torch.rand(80000, generator=g, device=device) < 0.03
+    out.append(("Fixed-shape batched NMS 1000x80, 3% valid, capacity 4096, top 100",
+                trip("batched_nms_fixed", b, s, c, valid, 0.5, 100, 4096), None,
+                torch_path("batched_nms_fixed", b, s, c, valid, 0.5, 100, 4096)))
+    # mask paste: 100 masks 28x28 into a 938x800 image (torchvision: its per-mask paste, float output)
+    masks = torch.rand(100, 28, 28, generator=g, device=device)
+    boxes = proposals(100, 97, device, smax=400.0, height=938.0, width=800.0)
+    tv_paste = None
+    if tv is not None:
+        try:
+            from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_fn
+            tv_paste = lambda: tv_paste_fn(masks[:, None], boxes, (938, 800), padding=1)  # noqa: E731
+        except Exception:  # older/newer torchvision layout: leave the column n/a
+            tv_paste = None
+    out.append(("Mask paste 100 masks 28x28 into 938x800", trip("paste_masks", masks, boxes, (938, 800)),
+                tv_paste, torch_path("paste_masks", masks, boxes, (938, 800), batched=True)))
     return out
 
 

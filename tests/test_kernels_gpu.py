@@ -152,3 +152,16 @@ def test_nms_fixed_in_cuda_graph():
     expect = ops.nms(boxes, scores, 0.7, backend="torch")
     k = min(1000, expect.numel())
     assert int(cnt) == k and torch.equal(idx[:k], expect[:k])
+
+
+def test_paste_masks_matches_torch_path():
+    g = torch.Generator(device=DEV).manual_seed(40)
+    masks = torch.rand(100, 28, 28, generator=g, device=DEV)
+    boxes = _proposals(100, 41, smax=400.0, height=938.0, width=800.0)
+    out = ops.paste_masks(masks, boxes, (938, 800), 0.5, backend="triton")
+    ref = ops.paste_masks(masks, boxes, (938, 800), 0.5, backend="torch", batched=True)
+    assert out.dtype == torch.bool and out.shape == ref.shape
+    # the same arithmetic up to the compiler's contractions: at most a handful of threshold flips
+    assert (out != ref).sum().item() <= 10, (out != ref).sum().item()
+    cpu = ops.paste_masks(masks.cpu(), boxes.cpu(), (938, 800), 0.5, backend="torch")
+    assert (out.cpu() != cpu).sum().item() <= 10

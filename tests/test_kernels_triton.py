@@ -305,3 +305,22 @@ def test_batched_nms_per_class_groups(K, classes, monkeypatch):
     for thr in (0.3, 0.6):
         assert torch.equal(K.batched_nms(boxes, scores, idxs, thr),
                            reference.batched_nms(boxes, scores, idxs, thr))
+
+
+@pytest.mark.parametrize("near_half", [False, True])
+def test_paste_masks_matches_torch(K, near_half):
+    gen = torch.Generator().manual_seed(21 + near_half)
+    n, H, W = 12, 70, 90
+    masks = torch.rand(n, 28, 28, generator=gen)
+    if near_half:  # every sample close to the threshold: rounding differences would show
+        masks = 0.5 + (masks - 0.5) * 1e-3
+    masks[0] = 1.0  # bleeds only into the one-pixel widened region
+    xy = torch.rand(n, 2, generator=gen) * 80 - 10  # some boxes leave the image
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 60 + 0.3], 1)
+    boxes[1] = torch.tensor([0.0, 0, 90, 70])
+    boxes[2] = torch.tensor([50.5, 5.5, 51.5, 6.5])  # one pixel
+    out = ops.paste_masks(masks, boxes, (H, W), 0.5, backend="triton")
+    assert out.dtype == torch.bool and out.shape == (n, H, W)
+    assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), 0.5, backend="torch", batched=False))
+    assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), 0.5, backend="torch", batched=True))
+    assert ops.paste_masks(masks[:0], boxes[:0], (H, W), backend="triton").shape == (0, H, W)

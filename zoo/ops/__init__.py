@@ -33,7 +33,7 @@ from zoo.errors import ZooError
 from zoo.ops import reference
 from zoo.ops.reference import BoxesLike
 
-__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed",
+__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed", "paste_masks",
            "resolve_backend", "triton_available"]
 
 _BACKENDS = ("torch", "triton")
@@ -166,3 +166,19 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
                                                      max_out, capacity)
         return reference.batched_nms_fixed(boxes, scores, idxs, valid, iou_threshold, max_out,
                                            capacity)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5,
+                *, batched: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
+    """Detectron2's paste_masks_in_image: [N, M, M] probabilities into [N, 4] boxes of an (H, W)
+    image -> bool [N, H, W] (sample >= threshold), each box's region widened by one pixel.
+
+    The triton backend is one launch that writes only the result; the torch backend samples with
+    grid_sample, per box region (`batched=False`, the CPU default) or whole images in chunks.
+    """
+    from zoo.ops import paste
+
+    with _no_autocast(masks):
+        if resolve_backend(backend, masks) == "triton":
+            return _kernels(masks).paste_masks(masks, boxes, image_size, threshold)
+        return paste.paste_masks(masks, boxes, image_size, threshold, batched)

@@ -93,18 +93,13 @@ def workloads(device: str, tv):
         out.append((f"NMS n={n} (IoU 0.7)", trip("nms", b, s, 0.7),
                     (lambda b=b, s=s: tv.nms(b, s, 0.7)) if tv else None,
                     torch_path("nms", b, s, 0.7)))
-    b = proposals(4700, 99, device, smax=300.0)
-    s = torch.rand(4700, generator=g, device=device)
-    c = torch.randint(0, 80, (4700,), generator=g, device=device)
-    out.append(("Batched NMS 80 classes n=4700 (IoU 0.5)", trip("batched_nms", b, s, c, 0.5),
-                (lambda: tv.batched_nms(b, s, c, 0.5)) if tv else None,
-                torch_path("batched_nms", b, s, c, 0.5)))
-    b = proposals(80000, 98, device, smax=300.0)
-    s = torch.rand(80000, generator=g, device=device)
-    c = torch.randint(0, 80, (80000,), generator=g, device=device)
-    out.append(("Batched NMS 80 classes n=80000 (per-class regime, IoU 0.5)", trip("batched_nms", b, s, c, 0.5),
-                (lambda: tv.batched_nms(b, s, c, 0.5)) if tv else None,
-                torch_path("batched_nms", b, s, c, 0.5)))
+    for n, seed, what in ((4700, 99, ""), (80000, 98, "per-class regime, ")):
+        b = proposals(n, seed, device, smax=300.0)
+        s = torch.rand(n, generator=g, device=device)
+        c = torch.randint(0, 80, (n,), generator=g, device=device)
+        out.append((f"Batched NMS 80 classes n={n} ({what}IoU 0.5)", trip("batched_nms", b, s, c, 0.5),
+                    (lambda b=b, s=s, c=c: tv.batched_nms(b, s, c, 0.5)) if tv else None,
+                    torch_path("batched_nms", b, s, c, 0.5)))
     # the box head's fixed-shape NMS: 1000 proposals x 80 classes, 3% above the score threshold
     valid = torch.rand(80000, generator=g, device=device) < 0.03
     out.append(("Fixed-shape batched NMS 1000x80, 3% valid, capacity 4096, top 100",

@@ -4,41 +4,29 @@ Faster R-CNN R50-FPN at a 320-pixel test size keeps each forward well under a se
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import zoo
 from zoo.errors import InputError
-from zoo.modeling import build_model, load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_weights import synth_state_dict  # noqa: E402
+from user_support import fixture_image as _image  # noqa: E402
+from user_support import small_synthetic_model  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
 NAME = "faster_rcnn_R_50_FPN_3x"
 TOP_N = 25
 MATCH_IOU = 0.9
 MIN_MATCHED = 0.95
 
 
-def _image(stem: str) -> np.ndarray:
-    return np.asarray(Image.open(FIXTURES / "images" / f"{stem}.png").convert("RGB"))
-
-
 @pytest.fixture(scope="module")
 def model():
-    arch = zoo.get_manifest(NAME).architecture
-    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": 320,
-                                                                          "max_size_test": 512})})
-    m = build_model(arch)
-    load_weights(m, synth_state_dict(json.loads((FIXTURES / "state_dicts" / f"{NAME}.json").read_text())))
-    return m
+    return small_synthetic_model(NAME)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

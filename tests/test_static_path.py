@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -21,33 +20,17 @@ import torch
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import zoo  # noqa: E402
 from zoo import ops  # noqa: E402
-from zoo.modeling import build_model, load_weights  # noqa: E402
+from zoo.modeling import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_weights import synth_state_dict  # noqa: E402
+from user_support import fixture_image as _image  # noqa: E402
+from user_support import small_synthetic_model  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _image(stem: str) -> np.ndarray:
-    return np.asarray(Image.open(FIXTURES / "images" / f"{stem}.png").convert("RGB"))
-
-
-def _small_synthetic(name: str):
-    """`name` with the fixtures' synthetic weights at a 320-pixel test size."""
-    arch = zoo.get_manifest(name).architecture
-    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": 320,
-                                                                          "max_size_test": 512})})
-    m = build_model(arch)
-    load_weights(m, synth_state_dict(json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())))
-    return m
 
 
 def _assert_same(a, b):
@@ -60,12 +43,12 @@ def _assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def mask_c4():
-    return _small_synthetic("mask_rcnn_R_50_C4_1x")
+    return small_synthetic_model("mask_rcnn_R_50_C4_1x")
 
 
 @pytest.fixture(scope="module")
 def mask_fpn():
-    return _small_synthetic("mask_rcnn_R_50_FPN_3x")
+    return small_synthetic_model("mask_rcnn_R_50_FPN_3x")
 
 
 @pytest.mark.parametrize("which", ["mask_fpn", "mask_c4"])
@@ -275,7 +258,7 @@ def test_cuda_static_path_never_syncs(name):
 
 @cuda
 def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
-    m = _small_synthetic("mask_rcnn_R_50_FPN_3x").cuda()
+    m = small_synthetic_model("mask_rcnn_R_50_FPN_3x").cuda()
     images = [_image("grace_hopper"), _image("grace_hopper")[:, ::-1].copy(), _image("scene_427x640")]
     m.static_shapes = False
     dynamic = m.predict(images)

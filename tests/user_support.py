@@ -1,4 +1,5 @@
-"""Shared by the user-facing tests: synthetic checkpoints on disk, small test manifests, the CLI runner."""
+"""Shared by the tests that run models: synthetic checkpoints on disk, small test manifests and models,
+fixture images, the CLI runner."""
 from __future__ import annotations
 
 import hashlib
@@ -91,3 +92,24 @@ def zoo_cmd(*args: str, env: Optional[dict] = None, cwd=None, timeout: float = 3
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, env=e, cwd=cwd,
                           timeout=timeout)
+
+
+def fixture_image(stem: str):
+    """A fixture image as an HxWx3 uint8 RGB array."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(IMAGES / f"{stem}.png").convert("RGB"))
+
+
+def small_synthetic_model(name: str, min_size: int = 320, max_size: int = 512):
+    """Baseline `name` with the fixtures' synthetic weights, fed at a small test size (CPU tests stay fast)."""
+    import zoo
+    from zoo.modeling import build_model, load_weights
+
+    arch = zoo.get_manifest(name).architecture
+    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": min_size,
+                                                                          "max_size_test": max_size})})
+    model = build_model(arch)
+    load_weights(model, synth_state_dict(json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())))
+    return model

@@ -267,7 +267,19 @@ def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
     m.cuda_graphs = True
     graphs = m.predict(images)
     again = m.predict(images)  # replays
-    assert len(m._graph_cache) == 2  # two input shapes
+    assert len(m._graph_cache) == 2  # two padded input shapes
+    # another size that pads to the first shape replays that shape's graph with its own sizes
+    cropped = images[0][:-7, :-5].copy()
+    m.cuda_graphs = False
+    want = m.predict(cropped)
+    m.cuda_graphs = True
+    got = m.predict(cropped)
+    assert len(m._graph_cache) == 3  # batch 1 of the first shape (the first call ran it as a batch of 2)
+    _assert_same(want, got)
+    got2 = m.predict([cropped, images[0]])
+    assert len(m._graph_cache) == 3
+    _assert_same(want, got2[0])
+    _assert_same(static[0], got2[1])
     for d, s, g, a in zip(dynamic, static, graphs, again):
         _assert_same(s, g)
         _assert_same(s, a)

@@ -41,13 +41,23 @@ class Box2BoxTransform:
         return torch.stack((x1, y1, x2, y2), dim=-1).reshape(deltas.shape)
 
 
-def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Clamp XYXY boxes (last dim 4) into [0, w] x [0, h]; returns a new tensor."""
+def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:
+    """Clamp XYXY boxes (last dim 4) into [0, w] x [0, h]; returns a new tensor.
+
+    (h, w) are numbers or 0-dim tensors (sizes kept on the device, e.g. inside a CUDA graph); both
+    give the same values.
+    """
     h, w = image_size
-    x1 = boxes[..., 0].clamp(min=0, max=w)
-    y1 = boxes[..., 1].clamp(min=0, max=h)
-    x2 = boxes[..., 2].clamp(min=0, max=w)
-    y2 = boxes[..., 3].clamp(min=0, max=h)
+    if isinstance(h, torch.Tensor):
+        def clamp(v, hi):
+            return torch.minimum(v.clamp(min=0), hi)
+    else:
+        def clamp(v, hi):
+            return v.clamp(min=0, max=hi)
+    x1 = clamp(boxes[..., 0], w)
+    y1 = clamp(boxes[..., 1], h)
+    x2 = clamp(boxes[..., 2], w)
+    y2 = clamp(boxes[..., 3], h)
     return torch.stack((x1, y1, x2, y2), dim=-1)
 
 

@@ -12,8 +12,8 @@ from torch import nn
 from ..errors import InputError
 from ..manifest import Architecture
 from .backbone import build_backbone
-from .box_coder import nonempty
-from .mask_paste import detector_postprocess, paste_masks_in_image, rescale_boxes
+from .box_coder import clip_boxes, nonempty
+from .mask_paste import detector_postprocess, paste_masks_in_image
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
 from .transforms import normalize_and_pad, resize_uint8, resized_size, to_rgb_array
@@ -148,11 +148,22 @@ class GeneralizedRCNN(nn.Module):
             return torch.device(device).type == "cuda"
         return bool(self.static_shapes)
 
-    def run_static(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]
+    def size_table(self, batch: ImageBatch) -> torch.Tensor:
+        """The batch's sizes as a [N, 8] float32 tensor on the model's device, for the fixed-shape path:
+        resized (h, w), original (h, w), then the rescale factors (sx, sy, sx, sy) rounded to float32 as
+        a Python scalar multiplying a float32 tensor would be. Graph replays take new sizes through it."""
+        rows = [(rh, rw, oh, ow, ow / rw, oh / rh, ow / rw, oh / rh)
+                for (rh, rw), (oh, ow) in zip(batch.image_sizes, batch.original_sizes)]
+        return torch.tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
+
+    def run_static(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]] | torch.Tensor
                    ) -> tuple[dict[str, torch.Tensor], ProposalBatch, InstanceBatch]:
         """The network with fixed shapes and no host synchronisation: features, padded proposals and
-        padded detections (resized-image pixels)."""
-        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        padded detections (resized-image pixels). `image_sizes`: (h, w) per image, or a size_table()."""
+        if isinstance(image_sizes, torch.Tensor):
+            image_sizes = [(row[0], row[1]) for row in image_sizes]  # 0-dim device tensors
+        else:
+            image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
         with self._autocast(images.device):
             features = self.backbone(images.contiguous(memory_format=torch.channels_last))
             proposals = self.proposal_generator(features, image_sizes, static=True)
@@ -160,13 +171,17 @@ class GeneralizedRCNN(nn.Module):
         instances.complete = instances.complete & proposals.complete
         return features, proposals, instances
 
-    def compact_static(self, instances: InstanceBatch, batch: ImageBatch) -> InstanceBatch:
+    def compact_static(self, instances: InstanceBatch, sizes: ImageBatch | torch.Tensor) -> InstanceBatch:
         """detector_postprocess's box part on device: boxes in original pixels, empty ones dropped by
-        moving the survivors to the front (order kept); masks are not pasted yet."""
+        moving the survivors to the front (order kept); masks are not pasted yet. `sizes`: the batch or
+        its size_table()."""
+        if isinstance(sizes, ImageBatch):
+            sizes = self.size_table(sizes)
         slots = torch.arange(instances.scores.shape[1], device=instances.scores.device)
         parts = []
-        for i, (rs, os_) in enumerate(zip(batch.image_sizes, batch.original_sizes)):
-            boxes = rescale_boxes(instances.boxes[i], rs, os_)
+        for i, row in enumerate(sizes):
+            # rescale_boxes with the sizes on device: the same float32 products, then the clip
+            boxes = clip_boxes(instances.boxes[i] * row[4:8], (row[2], row[3]))
             keep = (slots < instances.counts[i]) & nonempty(boxes)
             order = torch.sort((~keep).to(torch.uint8), stable=True).indices
             mp = None if instances.mask_probs is None else instances.mask_probs[i].index_select(0, order)
@@ -212,7 +227,8 @@ class GeneralizedRCNN(nn.Module):
 
                     self._graph_cache = GraphCache()
                 return self._deliver(self._graph_cache.run(self, batch), batch, copy=True)
-            return self.finalize_static(self.run_static(batch.tensor, batch.image_sizes)[2], batch)
+            sizes = self.size_table(batch)
+            return self._deliver(self.compact_static(self.run_static(batch.tensor, sizes)[2], sizes), batch)
         return self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
 
     def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:

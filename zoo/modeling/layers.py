@@ -35,10 +35,6 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t._version, t.device, t.dtype)
-
-
 class Conv2d(nn.Conv2d):
     """nn.Conv2d with an optional FrozenBatchNorm child named `norm`.
 
@@ -57,10 +53,12 @@ class Conv2d(nn.Conv2d):
         assert norm is not None
         # under autocast keep the copy in the autocast dtype: conv2d would cast it on every call anyway
         cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        # runs before every conv: plain dict lookups and (address, version) pairs keep it cheap; a move
+        # or cast clears the cache (_apply), an in-place load bumps a version, a swapped .data its address
+        p, b = self._parameters, norm._buffers
         key = (
-            _tensor_key(self.weight),
-            None if self.bias is None else _tensor_key(self.bias),
-            tuple(_tensor_key(b) for b in (norm.weight, norm.bias, norm.running_mean, norm.running_var)),
+            tuple(None if t is None else (t.data_ptr(), t._version)
+                  for t in (p["weight"], p["bias"], b["weight"], b["bias"], b["running_mean"], b["running_var"])),
             torch.is_inference_mode_enabled(),
             cast,
         )

@@ -101,21 +101,22 @@ class RPN(nn.Module):
         """Top-k logits per level and their decoded boxes: scores [N, C], boxes [N, C, 4], levels [C]."""
         n = logits[0].shape[0]
         batch_idx = torch.arange(n, device=logits[0].device)[:, None]
-        scores_l, boxes_l, level_l = [], [], []
+        scores_l, deltas_l, anchors_l, level_l = [], [], [], []
         for lvl, (a, lg, d) in enumerate(zip(anchors, logits, deltas)):
             k = min(lg.shape[1], self.pre_nms_topk)
             # fp32 before ranking: under autocast the head's logits are bf16/fp16 (no-op in fp32)
             top_scores, top_idx = lg.float().topk(k, dim=1)
-            # decoding is elementwise, so decoding just the top-k equals Detectron2's decode-all-then-select
-            sel_d = d[batch_idx, top_idx].reshape(-1, 4)
-            sel_a = a[top_idx.reshape(-1)]
-            boxes_l.append(self.box2box_transform.apply_deltas(sel_d, sel_a).view(n, k, 4))
             scores_l.append(top_scores)
+            deltas_l.append(d[batch_idx, top_idx])  # [N, k, 4]
+            anchors_l.append(a[top_idx])  # [N, k, 4]
             level_l.append(torch.full((k,), lvl, dtype=torch.int64, device=lg.device))
         scores = torch.cat(scores_l, dim=1)
-        boxes = torch.cat(boxes_l, dim=1)
+        # decoding is elementwise, so decoding just the top-k (of all levels at once) equals Detectron2's
+        # decode-all-then-select
+        sel_d = torch.cat(deltas_l, dim=1)
+        boxes = self.box2box_transform.apply_deltas(sel_d.reshape(-1, 4), torch.cat(anchors_l, dim=1).reshape(-1, 4))
         levels = torch.cat(level_l, dim=0)
-        return scores, boxes, levels
+        return scores, boxes.view(sel_d.shape), levels
 
     def find_top_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
                            deltas: list[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Proposals]:

@@ -2,7 +2,7 @@
 # One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
 #   bash scripts/gpu_session.sh            # logs and tables land in $OUT (or ./gpu_out)
-# Every step has its own timeout so the whole script ends within about 9 minutes; a failing step does not
+# Every step has its own timeout so the whole script ends within about 9 minutes (515 s of steps); a failing step does not
 # stop the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -33,14 +33,16 @@ fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" \
   | tee -a "$summary"
 
-# Most important first: a step that runs out of time only loses what comes after it.
+# Most important first: a step that runs out of time only loses what comes after it. One log per step plus
+# summary.log: 8 files, the most the device tool brings back.
 # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
-step tests_kernels_gpu 80 $PY -m pytest -q --timeout 70 -p no:cacheprovider tests/test_kernels_gpu.py
-step tests_static_cuda 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider -k cuda tests/test_static_path.py
+step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py
+step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py
 step bench_kernels 45 $PY scripts/bench_kernels.py
-step bench_e2e 210 $PY scripts/bench_e2e.py --device cuda --out "$OUT/bench_e2e.md"
+step bench_e2e 180 $PY scripts/bench_e2e.py --device cuda --warmup 5
+step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10
 # parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
-step parity_cuda 120 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
-step tests_model_cuda 40 $PY -m pytest -q --timeout 35 -p no:cacheprovider -k cuda \
+step parity_cuda 100 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
+step tests_model_cuda 30 $PY -m pytest -q --timeout 25 -p no:cacheprovider -k cuda \
   tests/test_modeling_components.py tests/test_precision_batching.py
 cat "$summary"

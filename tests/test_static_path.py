@@ -218,6 +218,21 @@ def test_static_path_never_syncs(interpreted_kernels, name):
         assert (a.masks != b.masks).float().mean() < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_static_path_with_nothing_detected(interpreted_kernels):
+    # no class clears the threshold: empty results from the kernels' all-invalid case, as on the dynamic path
+    m = _tiny("mask_rcnn_R_50_FPN_3x")
+    m.roi_heads.score_thresh = 1.0
+    img = (torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    m.static_shapes = True
+    got = m.predict(img)
+    m.static_shapes = False
+    os.environ["ZOO_OPS"] = "torch"  # restored by the fixture's monkeypatch
+    want = m.predict(img)
+    assert len(got) == len(want) == 0
+    assert got.boxes.shape == (0, 4) and got.masks.shape == (0, 40, 56) and got.image_size == want.image_size
+
+
 def test_recorder_catches_syncs():
     rec = SyncRecorder()
     t = torch.arange(6)

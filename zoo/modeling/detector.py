@@ -16,7 +16,7 @@ from .box_coder import clip_boxes, nonempty
 from .mask_paste import detector_postprocess, paste_masks_in_image
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
-from .transforms import normalize_and_pad, resize_uint8, resized_size, to_rgb_array
+from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_size, to_rgb_array
 
 
 # precision name -> autocast dtype (None: plain fp32, the path parity is measured on)
@@ -260,13 +260,6 @@ class GeneralizedRCNN(nn.Module):
             tr.detections = self.postprocess(tr.instances, batch)
         return tr
 
-    def _padded_shape(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The (h, w) a resized image pads to on its own."""
-        d = self.size_divisibility
-        if d <= 1:
-            return int(size[0]), int(size[1])
-        return (int(size[0]) + d - 1) // d * d, (int(size[1]) + d - 1) // d * d
-
     def predict(self, image: Any, *, batch_size: Optional[int] = None, exact: bool = True) -> Any:
         """Detect objects: one image -> Detections; a list of images -> list of Detections.
 
@@ -294,7 +287,7 @@ class GeneralizedRCNN(nn.Module):
             key = 0
             if exact and len(images) > 1:
                 h, w = im.shape[:2]
-                key = self._padded_shape(resized_size(h, w, self.min_size_test, self.max_size_test))
+                key = padded_size(*resized_size(h, w, self.min_size_test, self.max_size_test), self.size_divisibility)
             groups.setdefault(key, []).append(i)
         step = batch_size or len(images)
         dets: list[Any] = [None] * len(images)

@@ -87,14 +87,19 @@ def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
+def padded_size(h: int, w: int, size_divisibility: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of size_divisibility (unchanged when it is 0 or 1)."""
+    d = size_divisibility
+    if d <= 1:
+        return int(h), int(w)
+    return (int(h) + d - 1) // d * d, (int(w) + d - 1) // d * d
+
+
 def normalize_and_pad(images: Sequence[torch.Tensor], mean: torch.Tensor, std: torch.Tensor,
                       size_divisibility: int) -> torch.Tensor:
     """(x - mean) / std per image, then zero-pad into one [N, 3, H, W] batch (ImageList.from_tensors)."""
-    max_h = max(int(im.shape[-2]) for im in images)
-    max_w = max(int(im.shape[-1]) for im in images)
-    if size_divisibility > 1:
-        d = size_divisibility
-        max_h, max_w = (max_h + d - 1) // d * d, (max_w + d - 1) // d * d
+    max_h, max_w = padded_size(max(int(im.shape[-2]) for im in images), max(int(im.shape[-1]) for im in images),
+                               size_divisibility)
     mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
     if len(images) == 1:
         x = (images[0].float() - mean) / std

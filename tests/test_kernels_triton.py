@@ -324,3 +324,18 @@ def test_paste_masks_matches_torch(K, near_half):
     assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), 0.5, backend="torch", batched=False))
     assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), 0.5, backend="torch", batched=True))
     assert ops.paste_masks(masks[:0], boxes[:0], (H, W), backend="triton").shape == (0, H, W)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batched_nms_fixed_coordinate_trick_with_negative_boxes(K, backend):
+    # below -1 the offset trick lets classes meet; torchvision's batched_nms does it, so must we
+    gen = torch.Generator().manual_seed(31)
+    n = 200
+    xy = torch.rand(n, 2, generator=gen) * 40 - 60
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 30 + 1], 1)
+    scores = torch.rand(n, generator=gen)
+    idxs = torch.randint(0, 4, (n,), generator=gen)
+    valid = torch.ones(n, dtype=torch.bool)
+    want = reference.batched_nms(boxes, scores, idxs, 0.3)
+    out, cnt, _ = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.3, n, backend=backend)
+    assert torch.equal(out[: int(cnt)], want)

@@ -225,10 +225,10 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
                       capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Sync-free batched NMS over the `valid` boxes; see zoo.ops.batched_nms_fixed.
 
-    torchvision's regime (per-class on the original coordinates, or the coordinate-offset
-    trick) is chosen on device from the valid count. Both equal class-aware NMS on the
-    coordinates they use, so one class-aware launch serves both. Invalid boxes sort last and
-    become zero boxes, which neither suppress nor are suppressed; they are cut from the result.
+    torchvision's regime is chosen on device from the valid count: per-class NMS is class-aware
+    NMS on the original coordinates, the coordinate trick class-agnostic NMS on offset ones
+    (all classes 0), so one launch serves both. Invalid boxes sort last and become zero
+    boxes, which neither suppress nor are suppressed; they are cut from the result.
     """
     dev = boxes.device
     n = boxes.shape[0]
@@ -251,7 +251,8 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
     cdt = reference.acc_dtype(boxes.dtype)
     sel_valid = valid[order]
     sb = torch.where(sel_valid[:, None], coords[order].to(cdt), 0).contiguous()
-    cls = idxs[order].to(torch.int64).contiguous()
+    # class-agnostic in the trick's regime, as torchvision (boxes below -1 can then meet across classes)
+    cls = torch.where(vanilla, idxs[order].to(torch.int64), 0).contiguous()
     out, _ = _launch(sb, order, cls, iou_threshold, max_out, cdt)
     # kept rows come out in row order, so the valid ones form a prefix
     kept_valid = (out >= 0) & valid[out.clamp(min=0)]

@@ -87,8 +87,8 @@ class GeneralizedRCNN(nn.Module):
         # False: the dynamic path; None (default): fixed shapes on CUDA, dynamic on CPU, where a host
         # sync costs nothing and the dynamic path skips the padding work
         self.static_shapes: Optional[bool] = None
-        # on CUDA with the fixed-shape path: replay the network from CUDA graphs captured per input signature
-        # (shape, sizes, precision); off by default (each captured shape holds its own graph)
+        # on CUDA with the fixed-shape path: replay the network from CUDA graphs captured per padded batch
+        # shape and precision (zoo.modeling.graphs); off by default until timed on a GPU
         self.cuda_graphs = False
         self._graph_cache = None
         # oneDNN (CPU) and cuDNN run these convs faster on NHWC; the state_dict is unaffected

@@ -90,13 +90,14 @@ def fast_rcnn_inference_single_image(boxes: torch.Tensor, scores: torch.Tensor, 
 
 
 def fast_rcnn_inference_fixed(boxes: torch.Tensor, scores: torch.Tensor, proposal_valid: torch.Tensor,
-                              image_size: tuple[int, int], score_thresh: float, nms_thresh: float, topk: int,
+                              image_size, score_thresh: float, nms_thresh: float, topk: int,
                               capacity: Optional[int]) -> tuple[torch.Tensor, ...]:
     """fast_rcnn_inference_single_image with static shapes and no host synchronisation.
 
     The filters become a validity mask over all (proposal, class) pairs in Detectron2's row-major
-    order, and NMS runs on the `capacity` best of them. Returns boxes [topk, 4], scores [topk],
-    classes [topk] (zero padded), the count and the complete flag.
+    order, and NMS runs on the `capacity` best of them. `image_size`: (h, w) as numbers or 0-dim
+    tensors. Returns boxes [topk, 4], scores [topk], classes [topk] (zero padded), the count and
+    the complete flag.
     """
     from .. import ops
     from .rpn import gather_rows
@@ -146,12 +147,12 @@ class _ROIHeadsBase(nn.Module):
 
     def _inference_static(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
                           counts: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
+        if self.detections_per_image < 0:
+            raise ValueError("the static path needs detections_per_image >= 0")
         n, k = proposals.shape[:2]
         pred = self.box2box_transform.apply_deltas(deltas, proposals.reshape(-1, 4)).view(n, k, -1)
         probs = torch.softmax(logits.float(), dim=-1).view(n, k, -1)
         slots = torch.arange(k, device=proposals.device)
-        if self.detections_per_image < 0:
-            raise ValueError("the static path needs detections_per_image >= 0")
         outs = [fast_rcnn_inference_fixed(pred[i], probs[i], slots < counts[i], size, self.score_thresh,
                                           self.nms_thresh, self.detections_per_image, self.static_nms_capacity)
                 for i, size in enumerate(image_sizes)]

@@ -306,6 +306,21 @@ def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
 
 
 @cuda
+def test_cuda_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
+    # the torch NMS reads values on the host, which a capture cannot hold: run eagerly instead
+    monkeypatch.setenv("ZOO_OPS", "torch")
+    m = _tiny("mask_rcnn_R_50_FPN_3x").cuda()
+    m.static_shapes, m.cuda_graphs = True, True
+    img = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        got = m.predict(img)
+    m.cuda_graphs = False
+    want = m.predict(img)
+    _assert_same(want, got)
+    assert len(m._graph_cache) == 0
+
+
+@cuda
 def test_cuda_batched_nms_fixed_matches_torchvision():
     tv = pytest.importorskip("torchvision.ops", reason="torchvision not installed")
     from zoo.ops.synthetic import random_proposals

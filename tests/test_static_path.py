@@ -101,6 +101,24 @@ def test_get_sets_and_checks_the_inference_options():
         zoo.get("faster_rcnn_R_50_FPN_3x", pretrained=False, device="cpu", cuda_graphs=True)
 
 
+def test_graph_key_follows_shape_precision_and_in_place_weight_changes(mask_fpn):
+    from zoo.modeling.graphs import GraphCache
+
+    cache = GraphCache(mask_fpn)
+    with torch.inference_mode():
+        a = mask_fpn.preprocess([_image("grace_hopper")])
+        b = mask_fpn.preprocess([_image("grace_hopper")[:-7, :-5].copy()])  # same padded shape
+        c = mask_fpn.preprocess([_image("scene_427x640")])
+    assert cache._key(mask_fpn, a) == cache._key(mask_fpn, b) != cache._key(mask_fpn, c)
+    key = cache._key(mask_fpn, a)
+    mask_fpn.precision = "bf16"
+    assert cache._key(mask_fpn, a) != key
+    mask_fpn.precision = "fp32"
+    with torch.no_grad():
+        mask_fpn.backbone.bottom_up.stem.conv1.norm.running_mean.add_(0)  # an in-place load bumps versions
+    assert cache._key(mask_fpn, a) != key
+
+
 # ---------------------------------------------------------------------------------------------- host syncs
 
 _READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "equal",

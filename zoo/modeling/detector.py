@@ -225,7 +225,7 @@ class GeneralizedRCNN(nn.Module):
                 if self._graph_cache is None:
                     from .graphs import GraphCache
 
-                    self._graph_cache = GraphCache()
+                    self._graph_cache = GraphCache(self)
                 return self._deliver(self._graph_cache.run(self, batch), batch, copy=True)
             sizes = self.size_table(batch)
             return self._deliver(self.compact_static(self.run_static(batch.tensor, sizes)[2], sizes), batch)

@@ -21,10 +21,15 @@ from .roi_heads import InstanceBatch
 
 
 class GraphCache:
-    """Captured graphs of `model.compact_static(model.run_static(...))`, keyed by input signature."""
+    """Captured graphs of `model.compact_static(model.run_static(...))`, keyed by input signature.
 
-    def __init__(self, max_graphs: int = 8) -> None:
+    One per model (GeneralizedRCNN drops it when moved or cast). Weights loaded or edited in place
+    after a capture are noticed through the tensors' versions; replacing a parameter object is not.
+    """
+
+    def __init__(self, model, max_graphs: int = 8) -> None:
         self.max_graphs = max_graphs
+        self._tensors = list(model.parameters()) + list(model.buffers())
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, InstanceBatch]] = \
             OrderedDict()
         self._failed: set[tuple] = set()
@@ -39,12 +44,11 @@ class GraphCache:
         self._failed.clear()
         self._pool = None
 
-    @staticmethod
-    def _key(model, batch) -> tuple:
+    def _key(self, model, batch) -> tuple:
         t = batch.tensor
-        # tensor versions: weights loaded or changed in place after a capture must not replay stale folds
-        weights = tuple(v._version for v in model.state_dict(keep_vars=True).values())
-        return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""), id(model), weights)
+        # tensor versions: weights changed in place after a capture must not replay stale folded copies
+        weights = tuple(v._version for v in self._tensors)
+        return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""), weights)
 
     def run(self, model, batch) -> InstanceBatch:
         """Compacted fixed-shape detections for `batch`, replayed from a graph (captured on first use).

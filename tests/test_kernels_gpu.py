@@ -111,7 +111,7 @@ def test_fused_pooler_does_not_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("n", [1, 1000, 4700, 12000, 30000])
+@pytest.mark.parametrize("n", [1, 1000, 4700, 12000, 30000, 200000])
 def test_nms_matches_torchvision(n):
     tv = _tv()
     boxes = _proposals(n, 11 + n, smax=300.0)
@@ -119,7 +119,8 @@ def test_nms_matches_torchvision(n):
     for thr in (0.5, 0.7):
         keep = ops.nms(boxes, scores, thr, backend="triton")
         assert torch.equal(keep, tv.nms(boxes, scores, thr))
-        assert torch.equal(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), thr))
+        if n <= 30000:  # the CPU reference is quadratic
+            assert torch.equal(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), thr))
 
 
 @pytest.mark.parametrize("n,classes", [(4700, 80), (4741, 5), (6000, 80), (80000, 80), (40000, 1)])

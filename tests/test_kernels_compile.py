@@ -64,15 +64,19 @@ for dt in ("fp32", "bf16"):
 
 for cdt in ("fp32", "fp64"):
     types = {"boxes_ptr": "*" + cdt, "cls_ptr": "*i64", "thr": "fp32", "thr_ptr": "*" + cdt,
-             "mask_ptr": "*i64", "n": "i32", "n_words": "i32"}
-    for use_class in (False, True):
-        compile_one(f"nms_mask_{cdt}_cls{int(use_class)}", NM._nms_mask_kernel, types,
-                    dict(USE_CLASS=use_class, THR_FROM_PTR=cdt == "fp64", BLOCK=64),
+             "mask_ptr": "*i64", "n": "i32", "n_ptr": "*i32", "n_words": "i32"}
+    for use_class, live in ((False, False), (True, False), (True, True)):
+        if cdt == "fp64" and live:
+            continue
+        compile_one(f"nms_mask_{cdt}_cls{int(use_class)}_live{int(live)}", NM._nms_mask_kernel, types,
+                    dict(USE_CLASS=use_class, THR_FROM_PTR=cdt == "fp64", N_FROM_PTR=live, BLOCK=64),
                     num_warps=NM._mask_warps(torch.float64 if cdt == "fp64" else torch.float32),
                     enable_fp_fusion=False)
 types = {k: "*i64" for k in ("mask_ptr", "order_ptr", "removed_ptr", "out_ptr", "count_ptr")}
-types.update(n="i32", n_words="i32", max_out="i32")
-compile_one("nms_scan", NM._nms_scan_kernel, types, dict(BLOCK_W=16), num_warps=1)
+types.update(n="i32", n_ptr="*i32", n_words="i32", max_out="i32")
+for live in (False, True):
+    compile_one(f"nms_scan_live{int(live)}", NM._nms_scan_kernel, types, dict(N_FROM_PTR=live, BLOCK_W=16),
+                num_warps=1)
 PA = importlib.import_module("zoo.kernels.paste")
 types = {"masks_ptr": "*fp32", "boxes_ptr": "*fp32", "out_ptr": "*u8", "H": "i32", "W": "i32", "thr": "fp32"}
 compile_one("paste_masks", PA._paste_kernel, types, dict(M=28, BLOCK_H=PA._BLOCK_H, BLOCK_W=PA._BLOCK_W),
@@ -93,7 +97,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(l for l in res.stdout.splitlines() if l.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 16
+    assert len(results) == 18
     # fp64 NMS (a rare path) may keep a few bytes of stack; everything else must not.
     spilled = [r for r in results if (r["stack"] or r["local"])
                and not (r["kernel"].startswith("nms_mask_fp64") and r["stack"] <= 64)]

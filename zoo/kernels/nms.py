@@ -20,15 +20,18 @@ _WORD = 64
 
 
 @triton.jit(do_not_specialize=["n", "n_words", "thr"])
-def _nms_mask_kernel(boxes_ptr, cls_ptr, thr, thr_ptr, mask_ptr, n, n_words,
-                     USE_CLASS: tl.constexpr, THR_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+def _nms_mask_kernel(boxes_ptr, cls_ptr, thr, thr_ptr, mask_ptr, n, n_ptr, n_words,
+                     USE_CLASS: tl.constexpr, THR_FROM_PTR: tl.constexpr, N_FROM_PTR: tl.constexpr,
+                     BLOCK: tl.constexpr):
     rb = tl.program_id(0)
     cb = tl.program_id(1)
     if THR_FROM_PTR:  # fp64 boxes: a float argument would round the threshold
         t = tl.load(thr_ptr)
     else:
         t = thr
-    if cb >= rb:
+    if N_FROM_PTR:  # live rows counted on device: blocks past them are skipped, never read
+        n = tl.load(n_ptr)
+    if (cb >= rb) & (cb * BLOCK < n):
         rows = rb * BLOCK + tl.arange(0, BLOCK)
         cols = cb * BLOCK + tl.arange(0, BLOCK)
         rm = rows < n
@@ -72,11 +75,14 @@ def _or(a, b):
 
 @triton.jit(do_not_specialize=["n", "n_words", "max_out"])
 def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
-                     n, n_words, max_out, BLOCK_W: tl.constexpr):
+                     n, n_ptr, n_words, max_out, N_FROM_PTR: tl.constexpr, BLOCK_W: tl.constexpr):
     lane = tl.arange(0, 64)
     one = tl.full([], 1, tl.int64)
     count = tl.zeros([], dtype=tl.int64)
-    for b in range(0, n_words):
+    if N_FROM_PTR:
+        n = tl.load(n_ptr)
+    live_words = (n + 63) // 64  # n_words stays the row stride of the mask
+    for b in range(0, live_words):
         rows = b * 64 + lane
         valid = rows < n
         diag = tl.load(mask_ptr + rows.to(tl.int64) * n_words + b, mask=valid, other=0)
@@ -95,9 +101,9 @@ def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
         tl.store(out_ptr + pos, src, mask=kept & (pos < max_out))
         count += tl.sum(kept.to(tl.int64))
         # Propagate this block's kept rows to every later word.
-        for c0 in range(b + 1, n_words, BLOCK_W):
+        for c0 in range(b + 1, live_words, BLOCK_W):
             cols = c0 + tl.arange(0, BLOCK_W)
-            cm = cols < n_words
+            cm = cols < live_words
             tile = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + cols[None, :],
                            mask=kept[:, None] & cm[None, :], other=0)
             acc = tl.reduce(tile, 0, _or)
@@ -139,9 +145,10 @@ def _empty(max_out: int, dev: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float, max_out: int,
-            cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+            cdt: torch.dtype, live: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """NMS over boxes already in score order (`sb`, [n,4] in `cdt`); `order[i]` is the index
-    written out for row i; `cls` (optional) makes it class-aware."""
+    written out for row i; `cls` (optional) makes it class-aware; `live` (optional, an int32
+    device scalar) limits it to the first `live` rows without the host reading the value."""
     dev = sb.device
     n = sb.shape[0]
     out, count = _empty(max_out, dev)
@@ -151,15 +158,17 @@ def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float,
     thr = reference.threshold_below(iou_threshold, cdt)
     thr_t = torch.tensor([thr], dtype=cdt, device=dev) if cdt == torch.float64 else sb
     mask = torch.empty((n, n_words), dtype=torch.int64, device=dev)
+    n_ptr = out if live is None else live  # unused without N_FROM_PTR
     _nms_mask_kernel[(n_words, n_words)](sb, order if cls is None else cls, thr, thr_t, mask,
-                                         n, n_words, USE_CLASS=cls is not None,
-                                         THR_FROM_PTR=cdt == torch.float64, BLOCK=_WORD,
+                                         n, n_ptr, n_words, USE_CLASS=cls is not None,
+                                         THR_FROM_PTR=cdt == torch.float64,
+                                         N_FROM_PTR=live is not None, BLOCK=_WORD,
                                          num_warps=_mask_warps(cdt), enable_fp_fusion=False)
     removed = torch.zeros((n_words,), dtype=torch.int64, device=dev)
     # One warp: the per-box steps are cross-lane reductions, cheapest within a warp.
-    block_w = min(16, triton.next_power_of_2(n_words))  # 184 registers on sm_90, no spill
-    _nms_scan_kernel[(1,)](mask, order, removed, out, count, n, n_words, max_out,
-                           BLOCK_W=block_w, num_warps=1)
+    block_w = min(16, triton.next_power_of_2(n_words))  # no spill on sm_90 (test_kernels_compile)
+    _nms_scan_kernel[(1,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
+                           N_FROM_PTR=live is not None, BLOCK_W=block_w, num_warps=1)
     return out, count
 
 
@@ -253,9 +262,10 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
     sb = torch.where(sel_valid[:, None], coords[order].to(cdt), 0).contiguous()
     # class-agnostic in the trick's regime, as torchvision (boxes below -1 can then meet across classes)
     cls = torch.where(vanilla, idxs[order].to(torch.int64), 0).contiguous()
-    out, _ = _launch(sb, order, cls, iou_threshold, max_out, cdt)
-    # kept rows come out in row order, so the valid ones form a prefix
-    kept_valid = (out >= 0) & valid[out.clamp(min=0)]
+    # valid rows come first: NMS over just those, however many there are, without reading the count
+    live = torch.clamp(n_valid, max=m).to(torch.int32).reshape(1)
+    out, _ = _launch(sb, order, cls, iou_threshold, max_out, cdt, live)
+    kept_valid = (out >= 0) & valid[out.clamp(min=0)]  # (all of them; kept as a guard)
     count = kept_valid.sum()
     out = torch.where(kept_valid, out, -1)
     complete = (n_valid <= m) | (count >= max_out)

@@ -85,13 +85,15 @@ def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
     for b in range(0, live_words):
         rows = b * 64 + lane
         valid = rows < n
-        diag = tl.load(mask_ptr + rows.to(tl.int64) * n_words + b, mask=valid, other=0)
         # Rows past n count as already removed.
         pad = tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
         rem = tl.load(removed_ptr + b, volatile=True) | pad
         keepw = tl.zeros([], dtype=tl.int64)
         for t in tl.static_range(64):
-            d_t = tl.sum(tl.where(lane == t, diag, 0))
+            # each row's diagonal word as a scalar load: the loads do not depend on `rem`, so they
+            # can all be in flight at once, where a cross-lane reduction per step would serialise
+            r_t = b * 64 + t
+            d_t = tl.load(mask_ptr + r_t.to(tl.int64) * n_words + b, mask=r_t < n, other=0)
             free = ((rem >> t) & 1) == 0
             rem = tl.where(free, rem | d_t, rem)
             keepw = tl.where(free, keepw | (one << t), keepw)

@@ -119,6 +119,23 @@ def test_graph_key_follows_shape_precision_and_in_place_weight_changes(mask_fpn)
     assert cache._key(mask_fpn, a) != key
 
 
+def test_copies_start_without_graphs(mask_fpn):
+    import copy
+    import pickle
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise TypeError("a captured graph cannot be copied")
+
+    mask_fpn._graph_cache = Unpicklable()
+    try:
+        assert copy.deepcopy(mask_fpn)._graph_cache is None
+        assert pickle.loads(pickle.dumps(mask_fpn))._graph_cache is None
+        assert mask_fpn._graph_cache is not None  # the original keeps its graphs
+    finally:
+        mask_fpn._graph_cache = None
+
+
 # ---------------------------------------------------------------------------------------------- host syncs
 
 _READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "equal",

@@ -99,6 +99,11 @@ class GeneralizedRCNN(nn.Module):
         self._graph_cache = None
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):  # copies and pickles start without graphs (they belong to this model's tensors)
+        state = super().__getstate__().copy()
+        state["_graph_cache"] = None
+        return state
+
     @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""

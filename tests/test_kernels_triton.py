@@ -339,3 +339,22 @@ def test_batched_nms_fixed_coordinate_trick_with_negative_boxes(K, backend):
     want = reference.batched_nms(boxes, scores, idxs, 0.3)
     out, cnt, _ = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.3, n, backend=backend)
     assert torch.equal(out[: int(cnt)], want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shared_idxs", [False, True])
+def test_batched_nms_fixed_solves_groups_independently(K, backend, shared_idxs):
+    # G problems in one call equal G single calls (different valid counts, so different live rows)
+    groups, n = 3, 150
+    cases = [_fixed_case(40 + g, n, 6, 0.2 * g) for g in range(groups)]
+    boxes = torch.stack([c[0] for c in cases])
+    scores = torch.stack([c[1] for c in cases])
+    idxs = cases[0][2] if shared_idxs else torch.stack([c[2] for c in cases])
+    valid = torch.stack([c[3] for c in cases])
+    for capacity in (None, 40):
+        out, cnt, complete = ops.batched_nms_fixed(boxes, scores, idxs, valid, 0.5, 20, capacity, backend=backend)
+        assert out.shape == (groups, 20) and cnt.shape == complete.shape == (groups,)
+        for g in range(groups):
+            gi = idxs if shared_idxs else idxs[g]
+            o, c, d = ops.batched_nms_fixed(boxes[g], scores[g], gi, valid[g], 0.5, 20, capacity, backend="torch")
+            assert torch.equal(out[g], o) and int(cnt[g]) == int(c) and bool(complete[g]) == bool(d), (g, capacity)

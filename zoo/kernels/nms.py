@@ -25,12 +25,16 @@ def _nms_mask_kernel(boxes_ptr, cls_ptr, thr, thr_ptr, mask_ptr, n, n_ptr, n_wor
                      BLOCK: tl.constexpr):
     rb = tl.program_id(0)
     cb = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)  # independent problems of n rows each, side by side
+    boxes_ptr += g * n * 4
+    cls_ptr += g * n
+    mask_ptr += g * n * n_words
     if THR_FROM_PTR:  # fp64 boxes: a float argument would round the threshold
         t = tl.load(thr_ptr)
     else:
         t = thr
     if N_FROM_PTR:  # live rows counted on device: blocks past them are skipped, never read
-        n = tl.load(n_ptr)
+        n = tl.load(n_ptr + g)
     if (cb >= rb) & (cb * BLOCK < n):
         rows = rb * BLOCK + tl.arange(0, BLOCK)
         cols = cb * BLOCK + tl.arange(0, BLOCK)
@@ -76,11 +80,17 @@ def _or(a, b):
 @triton.jit(do_not_specialize=["n", "n_words", "max_out"])
 def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
                      n, n_ptr, n_words, max_out, N_FROM_PTR: tl.constexpr, BLOCK_W: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)  # one program per problem
+    mask_ptr += g * n * n_words
+    order_ptr += g * n
+    removed_ptr += g * n_words
+    out_ptr += g * max_out
+    count_ptr += g
     lane = tl.arange(0, 64)
     one = tl.full([], 1, tl.int64)
     count = tl.zeros([], dtype=tl.int64)
     if N_FROM_PTR:
-        n = tl.load(n_ptr)
+        n = tl.load(n_ptr + g)
     live_words = (n + 63) // 64  # n_words stays the row stride of the mask
     for b in range(0, live_words):
         rows = b * 64 + lane
@@ -135,43 +145,48 @@ def _run(boxes: Tensor, scores: Tensor, iou_threshold: float, max_out: int,
     """Kept original indices in score order, padded with -1, and the count tensor."""
     dev = boxes.device
     if boxes.shape[0] == 0 or max_out == 0:
-        return _empty(max_out, dev)
+        return _empty((), max_out, dev)
     order, sb, cdt = _prepare(boxes, scores)
     cls = idxs.index_select(0, order).to(torch.int64).contiguous() if idxs is not None else None
     return _launch(sb, order, cls, iou_threshold, max_out, cdt)
 
 
-def _empty(max_out: int, dev: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.full((max_out,), -1, dtype=torch.long, device=dev),
-            torch.zeros((), dtype=torch.long, device=dev))
+def _empty(groups: tuple, max_out: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.full((*groups, max_out), -1, dtype=torch.long, device=dev),
+            torch.zeros(groups, dtype=torch.long, device=dev))
 
 
 def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float, max_out: int,
             cdt: torch.dtype, live: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """NMS over boxes already in score order (`sb`, [n,4] in `cdt`); `order[i]` is the index
-    written out for row i; `cls` (optional) makes it class-aware; `live` (optional, an int32
-    device scalar) limits it to the first `live` rows without the host reading the value."""
+    """NMS over boxes already in score order (`sb`, [n,4] in `cdt`, or [G,n,4] for G independent
+    problems in one launch each kernel); `order[..., i]` is the index written out for row i; `cls`
+    (optional) makes it class-aware; `live` (optional, int32 [G] on device) limits each problem
+    to its first rows without the host reading the values."""
+    single = sb.dim() == 2
+    if single:
+        sb, order = sb[None], order[None]
+        cls = None if cls is None else cls[None]
     dev = sb.device
-    n = sb.shape[0]
-    out, count = _empty(max_out, dev)
+    groups, n = sb.shape[0], sb.shape[1]
+    out, count = _empty((groups,), max_out, dev)
     n_words = triton.cdiv(n, _WORD)
     # x > thr (double) iff x > the largest representable value <= thr; an fp32 value
     # travels exactly as a float argument (no host->device copy, graph-capturable).
     thr = reference.threshold_below(iou_threshold, cdt)
     thr_t = torch.tensor([thr], dtype=cdt, device=dev) if cdt == torch.float64 else sb
-    mask = torch.empty((n, n_words), dtype=torch.int64, device=dev)
+    mask = torch.empty((groups, n, n_words), dtype=torch.int64, device=dev)
     n_ptr = out if live is None else live  # unused without N_FROM_PTR
-    _nms_mask_kernel[(n_words, n_words)](sb, order if cls is None else cls, thr, thr_t, mask,
-                                         n, n_ptr, n_words, USE_CLASS=cls is not None,
-                                         THR_FROM_PTR=cdt == torch.float64,
-                                         N_FROM_PTR=live is not None, BLOCK=_WORD,
-                                         num_warps=_mask_warps(cdt), enable_fp_fusion=False)
-    removed = torch.zeros((n_words,), dtype=torch.int64, device=dev)
-    # One warp: the per-box steps are cross-lane reductions, cheapest within a warp.
+    _nms_mask_kernel[(n_words, n_words, groups)](sb, order if cls is None else cls, thr, thr_t, mask,
+                                                 n, n_ptr, n_words, USE_CLASS=cls is not None,
+                                                 THR_FROM_PTR=cdt == torch.float64,
+                                                 N_FROM_PTR=live is not None, BLOCK=_WORD,
+                                                 num_warps=_mask_warps(cdt), enable_fp_fusion=False)
+    removed = torch.zeros((groups, n_words), dtype=torch.int64, device=dev)
+    # One warp per problem: the per-box steps are scalar chains.
     block_w = min(16, triton.next_power_of_2(n_words))  # no spill on sm_90 (test_kernels_compile)
-    _nms_scan_kernel[(1,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
-                           N_FROM_PTR=live is not None, BLOCK_W=block_w, num_warps=1)
-    return out, count
+    _nms_scan_kernel[(groups,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
+                                N_FROM_PTR=live is not None, BLOCK_W=block_w, num_warps=1)
+    return (out[0], count[0]) if single else (out, count)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -236,39 +251,52 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
                       capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Sync-free batched NMS over the `valid` boxes; see zoo.ops.batched_nms_fixed.
 
-    torchvision's regime is chosen on device from the valid count: per-class NMS is class-aware
-    NMS on the original coordinates, the coordinate trick class-agnostic NMS on offset ones
-    (all classes 0), so one launch serves both. Invalid boxes sort last and become zero
-    boxes, which neither suppress nor are suppressed; they are cut from the result.
+    boxes [n,4] (scores, idxs, valid [n]), or [G,n,4] for G independent problems solved by the
+    same launches (idxs may then be [n], shared). torchvision's regime is chosen on device from
+    each problem's valid count: per-class NMS is class-aware NMS on the original coordinates,
+    the coordinate trick class-agnostic NMS on offset ones (all classes 0), so one launch serves
+    both. Invalid boxes sort last and are left out of the kernels by a device-side row count.
     """
+    single = boxes.dim() == 2
+    if single:
+        boxes, scores, valid, idxs = boxes[None], scores[None], valid[None], idxs[None]
+    groups, n = scores.shape
+    idxs = idxs.expand(groups, n)
     dev = boxes.device
-    n = boxes.shape[0]
     if n == 0 or max_out == 0:
-        return (*_empty(max_out, dev), torch.ones((), dtype=torch.bool, device=dev))
-    valid = valid.to(torch.bool)
-    n_valid = valid.sum()
-    vanilla = n_valid * 4 > reference.vanilla_batched_nms_limit(dev)
+        out, count = _empty((groups,), max_out, dev)
+        complete = torch.ones((groups,), dtype=torch.bool, device=dev)
+    else:
+        out, count, complete = _fixed(boxes, scores, idxs, valid.to(torch.bool), iou_threshold, max_out,
+                                      n if capacity is None else min(n, int(capacity)))
+    return (out[0], count[0], complete[0]) if single else (out, count, complete)
+
+
+def _fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor, iou_threshold: float, max_out: int,
+           m: int) -> tuple[Tensor, Tensor, Tensor]:
+    groups, n = scores.shape
+    n_valid = valid.sum(dim=1)
+    vanilla = n_valid * 4 > reference.vanilla_batched_nms_limit(boxes.device)
     b = boxes.detach()
-    max_coordinate = torch.where(valid[:, None], b, float("-inf")).max()
+    max_coordinate = torch.where(valid[..., None], b, float("-inf")).amax(dim=(1, 2))
     # same dtype and rounding as the coordinate trick of torchvision / zoo.ops.reference; a
     # Python 1 instead of torch.tensor(1) keeps host->device copies out of CUDA graphs
-    offsets = idxs.to(b) * (max_coordinate + 1)
-    coords = torch.where(vanilla, b, b + offsets[:, None])
+    offsets = idxs.to(b) * (max_coordinate[:, None] + 1)
+    coords = torch.where(vanilla[:, None, None], b, b + offsets[..., None])
     # valid first, each part by decreasing score, ties by index (two stable sorts)
-    order = torch.sort(scores.detach(), descending=True, stable=True).indices
-    order = order[torch.sort((~valid[order]).to(torch.uint8), stable=True).indices]
-    m = n if capacity is None else min(n, int(capacity))
-    order = order[:m].contiguous()
+    order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices
+    invalid_first = torch.sort((~valid.gather(1, order)).to(torch.uint8), dim=1, stable=True).indices
+    order = order.gather(1, invalid_first)[:, :m].contiguous()
     cdt = reference.acc_dtype(boxes.dtype)
-    sel_valid = valid[order]
-    sb = torch.where(sel_valid[:, None], coords[order].to(cdt), 0).contiguous()
+    sel = coords.gather(1, order[..., None].expand(groups, m, 4)).to(cdt)
+    sb = torch.where(valid.gather(1, order)[..., None], sel, 0).contiguous()
     # class-agnostic in the trick's regime, as torchvision (boxes below -1 can then meet across classes)
-    cls = torch.where(vanilla, idxs[order].to(torch.int64), 0).contiguous()
+    cls = torch.where(vanilla[:, None], idxs.gather(1, order).to(torch.int64), 0).contiguous()
     # valid rows come first: NMS over just those, however many there are, without reading the count
-    live = torch.clamp(n_valid, max=m).to(torch.int32).reshape(1)
+    live = torch.clamp(n_valid, max=m).to(torch.int32)
     out, _ = _launch(sb, order, cls, iou_threshold, max_out, cdt, live)
-    kept_valid = (out >= 0) & valid[out.clamp(min=0)]  # (all of them; kept as a guard)
-    count = kept_valid.sum()
+    kept_valid = (out >= 0) & valid.gather(1, out.clamp(min=0))  # (all of them; kept as a guard)
+    count = kept_valid.sum(dim=1)
     out = torch.where(kept_valid, out, -1)
     complete = (n_valid <= m) | (count >= max_out)
     return out, count, complete

@@ -44,8 +44,8 @@ class Box2BoxTransform:
 def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:
     """Clamp XYXY boxes (last dim 4) into [0, w] x [0, h]; returns a new tensor.
 
-    (h, w) are numbers or 0-dim tensors (sizes kept on the device, e.g. inside a CUDA graph); both
-    give the same values.
+    (h, w) are numbers or tensors that broadcast against boxes[..., 0] (sizes kept on the device,
+    e.g. inside a CUDA graph, or one per image of a batch); both give the same values.
     """
     h, w = image_size
     if isinstance(h, torch.Tensor):
@@ -62,5 +62,5 @@ def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:
 
 
 def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Mask of boxes whose width and height are both strictly greater than threshold."""
-    return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
+    """Mask of boxes (last dim 4) whose width and height are both strictly greater than threshold."""
+    return ((boxes[..., 2] - boxes[..., 0]) > threshold) & ((boxes[..., 3] - boxes[..., 1]) > threshold)

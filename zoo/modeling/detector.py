@@ -165,10 +165,9 @@ class GeneralizedRCNN(nn.Module):
                    ) -> tuple[dict[str, torch.Tensor], ProposalBatch, InstanceBatch]:
         """The network with fixed shapes and no host synchronisation: features, padded proposals and
         padded detections (resized-image pixels). `image_sizes`: (h, w) per image, or a size_table()."""
-        if isinstance(image_sizes, torch.Tensor):
-            image_sizes = [(row[0], row[1]) for row in image_sizes]  # 0-dim device tensors
-        else:
-            image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        if not isinstance(image_sizes, torch.Tensor):
+            image_sizes = torch.tensor([[int(v) for v in s] for s in image_sizes], dtype=torch.float32,
+                                       device=images.device)
         with self._autocast(images.device):
             features = self.backbone(images.contiguous(memory_format=torch.channels_last))
             proposals = self.proposal_generator(features, image_sizes, static=True)
@@ -183,18 +182,15 @@ class GeneralizedRCNN(nn.Module):
         if isinstance(sizes, ImageBatch):
             sizes = self.size_table(sizes)
         slots = torch.arange(instances.scores.shape[1], device=instances.scores.device)
-        parts = []
-        for i, row in enumerate(sizes):
-            # rescale_boxes with the sizes on device: the same float32 products, then the clip
-            boxes = clip_boxes(instances.boxes[i] * row[4:8], (row[2], row[3]))
-            keep = (slots < instances.counts[i]) & nonempty(boxes)
-            order = torch.sort((~keep).to(torch.uint8), stable=True).indices
-            mp = None if instances.mask_probs is None else instances.mask_probs[i].index_select(0, order)
-            parts.append((boxes.index_select(0, order), instances.scores[i].index_select(0, order),
-                          instances.classes[i].index_select(0, order), keep.sum(), mp))
-        b, sc, c, n, mp = zip(*parts)
-        return InstanceBatch(torch.stack(b), torch.stack(sc), torch.stack(c), torch.stack(n),
-                             instances.complete, None if mp[0] is None else torch.stack(mp))
+        # rescale_boxes with the sizes on device: the same float32 products, then the clip
+        boxes = clip_boxes(instances.boxes * sizes[:, None, 4:8], (sizes[:, 2:3], sizes[:, 3:4]))
+        keep = (slots < instances.counts[:, None]) & nonempty(boxes)
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # survivors first, in order
+        mp = instances.mask_probs
+        if mp is not None:
+            mp = mp.gather(1, order.view(*order.shape, 1, 1).expand(-1, -1, *mp.shape[2:]))
+        return InstanceBatch(boxes.gather(1, order[..., None].expand(-1, -1, 4)), instances.scores.gather(1, order),
+                             instances.classes.gather(1, order), keep.sum(dim=1), instances.complete, mp)
 
     def finalize_static(self, instances: InstanceBatch, batch: ImageBatch) -> list[Any]:
         """run_static's detections for users: one host synchronisation, then slicing and mask pasting."""

@@ -90,28 +90,30 @@ def fast_rcnn_inference_single_image(boxes: torch.Tensor, scores: torch.Tensor, 
 
 
 def fast_rcnn_inference_fixed(boxes: torch.Tensor, scores: torch.Tensor, proposal_valid: torch.Tensor,
-                              image_size, score_thresh: float, nms_thresh: float, topk: int,
-                              capacity: Optional[int]) -> tuple[torch.Tensor, ...]:
-    """fast_rcnn_inference_single_image with static shapes and no host synchronisation.
+                              image_sizes: torch.Tensor, score_thresh: float, nms_thresh: float, topk: int,
+                              capacity: Optional[int]) -> InstanceBatch:
+    """fast_rcnn_inference_single_image for a whole batch, with static shapes and no host synchronisation.
 
-    The filters become a validity mask over all (proposal, class) pairs in Detectron2's row-major
-    order, and NMS runs on the `capacity` best of them. `image_size`: (h, w) as numbers or 0-dim
-    tensors. Returns boxes [topk, 4], scores [topk], classes [topk] (zero padded), the count and
-    the complete flag.
+    boxes [N, R, 4 or 4K], scores [N, R, K+1], proposal_valid [N, R], image_sizes [N, >=2] (h, w). The
+    filters become a validity mask over all (proposal, class) pairs in Detectron2's row-major order, and
+    NMS runs on each image's `capacity` best of them. Detections come zero padded to [N, topk].
     """
     from .. import ops
     from .rpn import gather_rows
 
-    row_ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1) & proposal_valid
-    scores = scores[:, :-1]
-    r, k = scores.shape
-    num_reg = boxes.shape[1] // 4
-    boxes = clip_boxes(boxes.reshape(-1, 4), image_size).view(r, num_reg, 4).expand(r, k, 4).reshape(-1, 4)
-    valid = ((scores > score_thresh) & row_ok[:, None]).reshape(-1)
-    scores = scores.reshape(-1)
+    n, r = scores.shape[:2]
+    row_ok = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores).all(dim=-1) & proposal_valid
+    scores = scores[..., :-1]
+    k = scores.shape[-1]
+    num_reg = boxes.shape[-1] // 4
+    boxes = clip_boxes(boxes.reshape(n, -1, 4), (image_sizes[:, 0:1], image_sizes[:, 1:2]))
+    boxes = boxes.view(n, r, num_reg, 4).expand(n, r, k, 4).reshape(n, -1, 4)
+    valid = ((scores > score_thresh) & row_ok[..., None]).reshape(n, -1)
+    scores = scores.reshape(n, -1)
     classes = torch.arange(k, device=scores.device).repeat(r)
-    keep, count, complete = ops.batched_nms_fixed(boxes, scores, classes, valid, nms_thresh, topk, capacity)
-    return gather_rows(boxes, keep), gather_rows(scores, keep), gather_rows(classes, keep), count, complete
+    keep, counts, complete = ops.batched_nms_fixed(boxes, scores, classes, valid, nms_thresh, topk, capacity)
+    return InstanceBatch(gather_rows(boxes, keep), gather_rows(scores, keep),
+                         gather_rows(classes.expand(n, -1), keep), counts, complete)
 
 
 class _ROIHeadsBase(nn.Module):
@@ -146,17 +148,15 @@ class _ROIHeadsBase(nn.Module):
         ]
 
     def _inference_static(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
-                          counts: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
+                          counts: torch.Tensor, image_sizes: torch.Tensor) -> InstanceBatch:
         if self.detections_per_image < 0:
             raise ValueError("the static path needs detections_per_image >= 0")
         n, k = proposals.shape[:2]
         pred = self.box2box_transform.apply_deltas(deltas, proposals.reshape(-1, 4)).view(n, k, -1)
         probs = torch.softmax(logits.float(), dim=-1).view(n, k, -1)
         slots = torch.arange(k, device=proposals.device)
-        outs = [fast_rcnn_inference_fixed(pred[i], probs[i], slots < counts[i], size, self.score_thresh,
-                                          self.nms_thresh, self.detections_per_image, self.static_nms_capacity)
-                for i, size in enumerate(image_sizes)]
-        return InstanceBatch(*(torch.stack(t) for t in zip(*outs)))
+        return fast_rcnn_inference_fixed(pred, probs, slots < counts[:, None], image_sizes, self.score_thresh,
+                                         self.nms_thresh, self.detections_per_image, self.static_nms_capacity)
 
     def _attach_masks(self, results: list[RawInstances], mask_logits: torch.Tensor) -> None:
         classes = torch.cat([r.classes for r in results]) if results else torch.zeros(0, dtype=torch.long)
@@ -199,8 +199,9 @@ class StandardROIHeads(_ROIHeadsBase):
         return results
 
     def forward_static(self, features: dict[str, torch.Tensor], proposals: torch.Tensor, counts: torch.Tensor,
-                       image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
-        """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout."""
+                       image_sizes: torch.Tensor) -> InstanceBatch:
+        """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout;
+        image_sizes: [N, >=2] tensor of (h, w)."""
         feats = [features[f] for f in self.in_features]
         x = self.box_head(self.box_pooler(feats, _rois(proposals)))
         logits, deltas = self.box_predictor(x)
@@ -257,8 +258,9 @@ class Res5ROIHeads(_ROIHeadsBase):
         return results
 
     def forward_static(self, features: dict[str, torch.Tensor], proposals: torch.Tensor, counts: torch.Tensor,
-                       image_sizes: Sequence[tuple[int, int]]) -> InstanceBatch:
-        """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout."""
+                       image_sizes: torch.Tensor) -> InstanceBatch:
+        """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout;
+        image_sizes: [N, >=2] tensor of (h, w)."""
         feature = features[self.in_features[0]]
         outs = [self.box_predictor(x.mean(dim=[2, 3])) for x in self._res5_chunks(feature, proposals)]
         logits = torch.cat([o[0] for o in outs])

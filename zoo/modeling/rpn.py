@@ -137,31 +137,25 @@ class RPN(nn.Module):
         return results
 
     def find_top_proposals_static(self, anchors: list[torch.Tensor], logits: list[torch.Tensor],
-                                  deltas: list[torch.Tensor],
-                                  image_sizes: Sequence[tuple[int, int]]) -> ProposalBatch:
-        """find_top_proposals with fixed shapes: filters become a validity mask, NMS a fixed-capacity op."""
+                                  deltas: list[torch.Tensor], image_sizes: torch.Tensor) -> ProposalBatch:
+        """find_top_proposals with fixed shapes, all images at once: filters become a validity mask, NMS a
+        fixed-capacity op. image_sizes: [N, >=2] tensor of (h, w) per image."""
         from .. import ops
 
         scores, boxes, levels = self._decode_top_per_level(anchors, logits, deltas)
-        k = self.post_nms_topk
-        out_b, out_s, counts, complete = [], [], [], []
-        for i, size in enumerate(image_sizes):
-            b, s = boxes[i], scores[i]
-            valid = torch.isfinite(b).all(dim=1) & torch.isfinite(s)
-            b = clip_boxes(b, size)
-            valid &= nonempty(b, self.min_box_size)
-            keep, count, done = ops.batched_nms_fixed(b, s, levels, valid, self.nms_thresh, k)
-            out_b.append(gather_rows(b, keep))
-            out_s.append(gather_rows(s, keep))
-            counts.append(count)
-            complete.append(done)
-        return ProposalBatch(torch.stack(out_b), torch.stack(out_s), torch.stack(counts), torch.stack(complete))
+        valid = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores)
+        boxes = clip_boxes(boxes, (image_sizes[:, 0:1], image_sizes[:, 1:2]))
+        valid &= nonempty(boxes, self.min_box_size)
+        keep, counts, complete = ops.batched_nms_fixed(boxes, scores, levels, valid, self.nms_thresh,
+                                                       self.post_nms_topk)
+        return ProposalBatch(gather_rows(boxes, keep), gather_rows(scores, keep), counts, complete)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x[idx] along dim 0 where idx >= 0, zeros where idx is -1 (padding)."""
-    rows = x.index_select(0, idx.clamp(min=0))
-    ok = (idx >= 0).view(-1, *([1] * (x.dim() - 1)))
+    """x[g, idx[g]] along dim 1 where idx >= 0, zeros where idx is -1 (padding): x [G, n, ...], idx [G, k]."""
+    flat = idx.clamp(min=0).view(*idx.shape, *([1] * (x.dim() - 2)))
+    rows = x.gather(1, flat.expand(*idx.shape, *x.shape[2:]))
+    ok = (idx >= 0).view(*idx.shape, *([1] * (x.dim() - 2)))
     return torch.where(ok, rows, 0)
 
 

@@ -153,7 +153,8 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
                       iou_threshold: float, max_out: int, capacity: Optional[int] = None,
                       *, backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Static-shape batched_nms over the `valid` boxes: (indices[max_out] padded with -1,
-    kept count, complete flag), all tensors.
+    kept count, complete flag), all tensors. boxes [G, n, 4] (scores, valid [G, n]; idxs [G, n]
+    or [n]) solves G independent problems at once: [G, max_out], [G], [G].
 
     Only the `capacity` highest-scoring valid boxes are candidates (None: all); `complete`
     is False when fewer than max_out survive among them while more valid boxes exist, i.e.

@@ -509,12 +509,23 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
                       capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """batched_nms over the boxes where `valid`, as static-shape tensors.
 
+    boxes [n,4] with scores/idxs/valid [n]; or [G,n,4] with [G,n] (idxs may be [n]) for G
+    independent problems, giving [G,max_out], [G], [G].
+
     Returns (indices [max_out] padded with -1, kept count, complete). Only the `capacity`
     highest-scoring valid boxes enter NMS (all when None); the regime and the coordinate
     offset still come from all valid boxes, as if NMS had seen them. Greedy NMS decides a box
     from higher-scoring boxes only, so the first max_out kept are exact whenever max_out boxes
     survive among those candidates; `complete` is False when that is not guaranteed.
     """
+    if boxes.dim() == 3:
+        idxs = idxs.expand(scores.shape)
+        parts = [batched_nms_fixed(b, s, i, v, iou_threshold, max_out, capacity)
+                 for b, s, i, v in zip(boxes, scores, idxs, valid)]
+        return tuple(torch.stack(t) for t in zip(*parts)) if parts else (
+            torch.full((0, max_out), -1, dtype=torch.long, device=boxes.device),
+            torch.zeros((0,), dtype=torch.long, device=boxes.device),
+            torch.ones((0,), dtype=torch.bool, device=boxes.device))
     dev = boxes.device
     out = torch.full((max_out,), -1, dtype=torch.long, device=dev)
     vidx = torch.nonzero(valid).squeeze(1)

@@ -59,7 +59,7 @@ class ROIPooler(nn.Module):
         self.scales = [float(s) for s in scales]
 
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """features: per level [N, C, H, W]; boxes: per image [Ri, 4] -> [sum Ri, C, S, S]."""
+        """features: per level [N, C, H, W]; boxes: per image [Ri, 4], or [K, 5] rois -> [sum Ri, C, S, S]."""
         from .. import ops
 
         if len(self.scales) == 1:

@@ -48,7 +48,7 @@ def get(
 
     static_shapes: None (default) uses the fixed-shape, sync-free inference path on CUDA and the dynamic one
     on CPU; True/False forces one (same detections). cuda_graphs=True (CUDA only) replays the fixed-shape
-    path from CUDA graphs captured per input shape. Both are attributes of the model too.
+    path from CUDA graphs captured per padded batch shape. Both are attributes of the model too.
     """
     from .hub import fetch, load_checkpoint
     from .modeling import build_model, load_weights

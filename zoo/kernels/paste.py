@@ -4,9 +4,10 @@ PyTorch's path builds an [N, H, W, 2] float grid for grid_sample (600 MB for 100
 938x800 image); this kernel computes each pixel's bilinear sample directly and writes only the
 [N, H, W] bool result. The arithmetic follows the zoo.ops torch path: grid coordinates as
 (x + 0.5 - x0) / (x1 - x0) * 2 - 1, then grid_sample's unnormalisation (align_corners=False),
-bilinear weights and zero padding as in PyTorch's CUDA grid sampler (fused multiply-adds where
-nvcc contracts them), and Detectron2's CPU rule that only a box's region widened by one pixel
-is pasted.
+bilinear weights and zero padding in the order of PyTorch's CUDA grid sampler (with explicit
+fused multiply-adds where its compiled code is expected to contract; the GPU test measures how
+many pixels differ), and Detectron2's CPU rule that only a box's region widened by one pixel is
+pasted.
 """
 
 from __future__ import annotations

@@ -81,9 +81,10 @@ class RPN(nn.Module):
         self.post_nms_topk = spec.post_nms_topk_test
         self.min_box_size = float(spec.min_size)
 
-    def forward(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]],
+    def forward(self, features: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]] | torch.Tensor,
                 static: bool = False) -> list[Proposals] | ProposalBatch:
-        """Proposals for each image of the batch; static=True: a ProposalBatch, no host synchronisation."""
+        """Proposals for each image of the batch; static=True (image_sizes an [N, 2] tensor): a ProposalBatch,
+        no host synchronisation."""
         feats = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(feats)
         logits, deltas = self.rpn_head(feats)

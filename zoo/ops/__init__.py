@@ -33,8 +33,8 @@ from zoo.errors import ZooError
 from zoo.ops import reference
 from zoo.ops.reference import BoxesLike
 
-__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed", "paste_masks",
-           "resolve_backend", "triton_available"]
+__all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed",
+           "paste_masks", "resolve_backend", "triton_available"]
 
 _BACKENDS = ("torch", "triton")
 _triton_ok: Optional[bool] = None

@@ -4,8 +4,8 @@
   image whose fixed-capacity NMS cannot guarantee exactness is recomputed with the dynamic path.
 - From image tensor to compacted detections it makes no host synchronisation: checked on CPU by a
   TorchFunctionMode that records every op that would synchronise with a GPU (reading a value, a
-  data-dependent shape), while the Triton kernels run in the interpreter. tests/test_kernels_gpu.py
-  repeats the check on CUDA with torch's own sync debug mode.
+  data-dependent shape), while the Triton kernels run in the interpreter. The CUDA tests at the end
+  repeat the check with torch's own sync debug mode and cover CUDA graphs (they skip without CUDA).
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from zoo.modeling import build_model  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from user_support import fixture_image as _image  # noqa: E402
 from user_support import small_synthetic_model  # noqa: E402
-
 
 
 def _assert_same(a, b):

@@ -292,11 +292,9 @@ def _fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor, iou_thres
     sb = torch.where(valid.gather(1, order)[..., None], sel, 0).contiguous()
     # class-agnostic in the trick's regime, as torchvision (boxes below -1 can then meet across classes)
     cls = torch.where(vanilla[:, None], idxs.gather(1, order).to(torch.int64), 0).contiguous()
-    # valid rows come first: NMS over just those, however many there are, without reading the count
+    # valid rows come first: NMS over just those, however many there are, without reading the count;
+    # rows past them count as removed, so the kernels' output and count are the valid kept ones
     live = torch.clamp(n_valid, max=m).to(torch.int32)
-    out, _ = _launch(sb, order, cls, iou_threshold, max_out, cdt, live)
-    kept_valid = (out >= 0) & valid.gather(1, out.clamp(min=0))  # (all of them; kept as a guard)
-    count = kept_valid.sum(dim=1)
-    out = torch.where(kept_valid, out, -1)
+    out, count = _launch(sb, order, cls, iou_threshold, max_out, cdt, live)
     complete = (n_valid <= m) | (count >= max_out)
     return out, count, complete

@@ -192,9 +192,12 @@ class GeneralizedRCNN(nn.Module):
         return InstanceBatch(boxes.gather(1, order[..., None].expand(-1, -1, 4)), instances.scores.gather(1, order),
                              instances.classes.gather(1, order), keep.sum(dim=1), instances.complete, mp)
 
-    def finalize_static(self, instances: InstanceBatch, batch: ImageBatch) -> list[Any]:
-        """run_static's detections for users: one host synchronisation, then slicing and mask pasting."""
-        return self._deliver(self.compact_static(instances, batch), batch)
+    def _detect_static(self, batch: ImageBatch):
+        """The fixed-shape path for a batch: features, proposals, padded instances and the Detections
+        (one host synchronisation, then slicing and mask pasting)."""
+        sizes = self.size_table(batch)
+        features, proposals, instances = self.run_static(batch.tensor, sizes)
+        return features, proposals, instances, self._deliver(self.compact_static(instances, sizes), batch)
 
     def _deliver(self, final: InstanceBatch, batch: ImageBatch, copy: bool = False) -> list[Any]:
         """Compacted detections -> Detections per image (copy=True: own the tensors, not views into `final`)."""
@@ -228,8 +231,7 @@ class GeneralizedRCNN(nn.Module):
 
                     self._graph_cache = GraphCache(self)
                 return self._deliver(self._graph_cache.run(self, batch), batch, copy=True)
-            sizes = self.size_table(batch)
-            return self._deliver(self.compact_static(self.run_static(batch.tensor, sizes)[2], sizes), batch)
+            return self._detect_static(batch)[3]
         return self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
 
     def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:
@@ -250,9 +252,8 @@ class GeneralizedRCNN(nn.Module):
         with torch.inference_mode():
             batch = self.preprocess(images)
             if self.uses_static_shapes(batch.tensor.device):
-                features, proposals, instances = self.run_static(batch.tensor, batch.image_sizes)
-                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch(),
-                           self.finalize_static(instances, batch))
+                features, proposals, instances, detections = self._detect_static(batch)
+                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch(), detections)
                 if not bool(instances.complete.all()):  # the detections were recomputed exactly
                     tr.instances = self.run(batch.tensor, batch.image_sizes).instances
                 return tr

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..manifest import Architecture, PoolerSpec
+from ..ops.reference import boxes_to_rois
 from .backbone import make_stage, res5_stage_args
 from .box_coder import Box2BoxTransform, clip_boxes
 from .heads import FastRCNNConvFCHead, FastRCNNOutputLayers, MaskRCNNConvUpsampleHead, mask_probs
@@ -234,11 +235,7 @@ class Res5ROIHeads(_ROIHeadsBase):
 
     def _res5_chunks(self, feature: torch.Tensor, boxes: list[torch.Tensor] | torch.Tensor):
         # flatten (image, box) pairs into chunks so 1000 ROIs x 1024 x 14 x 14 never sit in memory at once
-        if isinstance(boxes, torch.Tensor):
-            flat = _rois(boxes)
-        else:
-            flat = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
-                              for i, b in enumerate(boxes)]) if boxes else feature.new_zeros((0, 5))
+        flat = _rois(boxes) if isinstance(boxes, torch.Tensor) else boxes_to_rois(boxes, feature.device)
         for start in range(0, max(len(flat), 1), self.chunk_size):
             chunk = flat[start:start + self.chunk_size]
             yield self.res5(self.pooler([feature], chunk))

@@ -68,6 +68,15 @@ def synth_model(name: str, device: torch.device):
     return model.to(device).eval()
 
 
+def apply_variant(model, variant: str) -> list[str]:
+    """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic'); returns its flags."""
+    prec, *flags = variant.split("+")
+    model.precision = prec
+    model.cuda_graphs = "graphs" in flags
+    model.static_shapes = False if "dynamic" in flags else None
+    return flags
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -164,9 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if device.type != "cuda" and (prec == "fp16" or "graphs" in flags):
                     notes.append(f"{name} {variant}: skipped (needs CUDA)")
                     continue
-                model.precision = prec
-                model.cuda_graphs = "graphs" in flags
-                model.static_shapes = False if "dynamic" in flags else None
+                apply_variant(model, variant)
                 r = None
                 for ops_env in (["torch"] if "torchops" in flags else ["", "torch"]):
                     # a variant that fails with the Triton ops is retried with the PyTorch ones, so a kernel

@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import load_image, synth_model  # noqa: E402
+from bench_e2e import apply_variant, load_image, synth_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,11 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             torch.cuda.synchronize()
 
-    prec, *flags = args.variant.split("+")
     model = synth_model(args.model, device)
-    model.precision = prec
-    model.cuda_graphs = "graphs" in flags
-    model.static_shapes = False if "dynamic" in flags else None
+    apply_variant(model, args.variant)
     img = load_image()
     for _ in range(5 if on_gpu else 1):
         model.predict(img)

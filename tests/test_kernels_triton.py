@@ -20,6 +20,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import pytest  # noqa: E402
 
+from interpreter_support import interpreter_fma_rounds_once, require_working_interpreter  # noqa: E402
 from zoo import ops  # noqa: E402
 from zoo.ops import reference  # noqa: E402
 
@@ -42,6 +43,7 @@ def K():
         mod = importlib.import_module("zoo.kernels")
     if not mod.INTERPRET:
         pytest.skip("zoo.kernels was already imported in compiled mode")
+    require_working_interpreter()
     return mod
 
 
@@ -313,6 +315,9 @@ def test_paste_masks_matches_torch(K, near_half):
     n, H, W = 12, 70, 90
     masks = torch.rand(n, 28, 28, generator=gen)
     if near_half:  # every sample close to the threshold: rounding differences would show
+        if not interpreter_fma_rounds_once():
+            pytest.skip("this triton's interpreter rounds tl.fma twice (compiled code and triton>=3.9 round "
+                        "once), so samples at the threshold would differ; the far-from-threshold case still runs")
         masks = 0.5 + (masks - 0.5) * 1e-3
     masks[0] = 1.0  # bleeds only into the one-pixel widened region
     xy = torch.rand(n, 2, generator=gen) * 80 - 10  # some boxes leave the image

@@ -28,6 +28,7 @@ from zoo import ops  # noqa: E402
 from zoo.modeling import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from interpreter_support import require_working_interpreter  # noqa: E402
 from user_support import fixture_image as _image  # noqa: E402
 from user_support import small_synthetic_model  # noqa: E402
 
@@ -141,14 +142,24 @@ _READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", 
           "allclose", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
 
 
+_FROM_HOST = {"tensor", "as_tensor", "new_tensor", "from_numpy"}
+
+
 def _is_bool_index(idx) -> bool:
     items = idx if isinstance(idx, tuple) else (idx,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
+def _is_host_index(idx) -> bool:
+    """A list index becomes a tensor copied from the host."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, list) for i in items)
+
+
 class SyncRecorder(TorchFunctionMode):
-    """Records torch calls that would make the host wait for a GPU: reading values back or shapes
-    that depend on values (boolean indexing, nonzero, ...)."""
+    """Records torch calls that would make the host wait for a GPU: reading values back, shapes that
+    depend on values (boolean indexing, nonzero, ...) or tensors made from host data (a copy from
+    pageable memory, which also cannot be captured in a CUDA graph)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,8 +169,10 @@ class SyncRecorder(TorchFunctionMode):
     def _syncs(self, name: str, args, kwargs) -> bool:
         if name in _READS:
             return True
+        if name in _FROM_HOST:
+            return True
         if name in ("__getitem__", "__setitem__") and len(args) > 1:
-            return _is_bool_index(args[1])
+            return _is_bool_index(args[1]) or _is_host_index(args[1])
         if name == "repeat_interleave":
             reps = args[1] if len(args) > 1 else kwargs.get("repeats")
             return isinstance(reps, torch.Tensor) and kwargs.get("output_size") is None
@@ -186,6 +199,8 @@ def interpreted_kernels(monkeypatch):
                     "tests/test_kernels_gpu.py checks syncs with torch.cuda.set_sync_debug_mode")
     pytest.importorskip("triton")
     from triton.runtime.interpreter import InterpretedFunction
+
+    require_working_interpreter()
 
     recorder = SyncRecorder()
     run = InterpretedFunction.run
@@ -235,9 +250,10 @@ def test_static_path_never_syncs(interpreted_kernels, name):
     images = [(torch.rand(48, 64, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(2)]
     with torch.inference_mode():
         batch = m.preprocess(images)
+        sizes = m.size_table(batch)  # as GraphCache.run: made from host data before the captured part
         with interpreted_kernels:
-            _, _, inst = m.run_static(batch.tensor, batch.image_sizes)
-            final = m.compact_static(inst, batch)
+            _, _, inst = m.run_static(batch.tensor, sizes)
+            final = m.compact_static(inst, sizes)
     assert interpreted_kernels.calls == [], "\n".join(interpreted_kernels.calls)
     assert bool(inst.complete.all()) and final.counts.tolist() == [6, 6]
     got = m.predict(images)
@@ -276,9 +292,13 @@ def test_recorder_catches_syncs():
         t.nonzero()
         t.to("cpu")
         t.to(t.device)  # not a move
-        t[torch.tensor([1, 2])]  # integer indexing stays on device
+        idx = torch.arange(1, 3)
+        t[idx]  # integer indexing stays on device
         torch.where(t > 2, t, 0)
-    assert [c.split()[0] for c in rec.calls] == ["__getitem__", "__bool__", "nonzero", "to"]
+        t[[1, 2]]
+        t.new_tensor([1, 2])
+    assert [c.split()[0] for c in rec.calls] == ["__getitem__", "__bool__", "nonzero", "to", "__getitem__",
+                                                  "new_tensor"]
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

@@ -119,6 +119,47 @@ def test_graph_key_follows_shape_precision_and_in_place_weight_changes(mask_fpn)
     assert cache._key(mask_fpn, a) != key
 
 
+def test_graph_cache_captures_a_signature_on_its_second_use(mask_fpn, monkeypatch):
+    # the capture itself needs CUDA (test_cuda_* below); here a stand-in records when the cache asks for one
+    from zoo.modeling.graphs import GraphCache
+
+    captures, replays = [], []
+
+    class Recorded:
+        def replay(self):
+            replays.append(1)
+
+    def capture(self, model, images, sizes, key):
+        captures.append(tuple(images.shape))
+        out = model.compact_static(model.run_static(images, sizes)[2], sizes)
+        return Recorded(), images.clone(), sizes.clone(), out
+
+    monkeypatch.setattr(GraphCache, "_capture", capture)
+    cache = GraphCache(mask_fpn, max_graphs=2)
+    with torch.inference_mode():
+        a, b, c = (mask_fpn.preprocess([_image(n)]) for n in ("grace_hopper", "scene_427x640", "wide_300x1400"))
+        shape = {id(x): tuple(x.tensor.shape) for x in (a, b, c)}
+        assert len(set(shape.values())) == 3
+        want = mask_fpn.compact_static(mask_fpn.run_static(a.tensor, mask_fpn.size_table(a))[2], a)
+        runs = [cache.run(mask_fpn, x) for x in (a, a, a, b, c, b)]
+        # a: eager, captured + replayed, replayed; b: eager; c: eager; b: captured + replayed
+        assert captures == [shape[id(a)], shape[id(b)]] and len(replays) == 3
+        for got in runs[:3]:
+            assert torch.equal(got.boxes, want.boxes) and torch.equal(got.counts, want.counts)
+        cache.run(mask_fpn, c)  # c's second use: captured; the least recently used graph (a) goes
+        assert len(cache) == 2 and captures[-1] == shape[id(c)]
+        cache.run(mask_fpn, a)  # a's graph is gone and its count was dropped at its capture: eager again
+        assert len(captures) == 3
+
+        captures.clear()
+        forgetful = GraphCache(mask_fpn, max_seen=2)  # counts for the 2 latest signatures only
+        for x in (a, b, c, a):  # c's count pushes out a's, so a's second use counts as its first
+            forgetful.run(mask_fpn, x)
+        assert captures == []
+        forgetful.run(mask_fpn, a)
+        assert captures == [shape[id(a)]]
+
+
 def test_copies_start_without_graphs(mask_fpn):
     import copy
     import pickle
@@ -334,22 +375,26 @@ def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
     m.static_shapes = True
     static = m.predict(images)
     m.cuda_graphs = True
-    graphs = m.predict(images)
-    again = m.predict(images)  # replays
+    eager = m.predict(images)  # a signature's first use runs eagerly
+    assert len(m._graph_cache) == 0
+    graphs = m.predict(images)  # the second captures and replays
     assert len(m._graph_cache) == 2  # two padded input shapes
+    again = m.predict(images)  # replays
     # another size that pads to the first shape replays that shape's graph with its own sizes
     cropped = images[0][:-7, :-5].copy()
     m.cuda_graphs = False
     want = m.predict(cropped)
     m.cuda_graphs = True
-    got = m.predict(cropped)
-    assert len(m._graph_cache) == 3  # batch 1 of the first shape (the first call ran it as a batch of 2)
-    _assert_same(want, got)
+    got = [m.predict(cropped) for _ in range(2)]
+    assert len(m._graph_cache) == 3  # batch 1 of the first shape (the first calls ran it as a batch of 2)
+    _assert_same(want, got[0])
+    _assert_same(want, got[1])
     got2 = m.predict([cropped, images[0]])
     assert len(m._graph_cache) == 3
     _assert_same(want, got2[0])
     _assert_same(static[0], got2[1])
-    for d, s, g, a in zip(dynamic, static, graphs, again):
+    for d, s, e, g, a in zip(dynamic, static, eager, graphs, again):
+        _assert_same(s, e)
         _assert_same(s, g)
         _assert_same(s, a)
         # dynamic vs static: GEMMs over padded vs unpadded ROI counts may pick other cuBLAS kernels
@@ -366,6 +411,7 @@ def test_cuda_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
     m = _tiny("mask_rcnn_R_50_FPN_3x").cuda()
     m.static_shapes, m.cuda_graphs = True, True
     img = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    m.predict(img)  # the first use runs eagerly; the second tries to capture
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
         got = m.predict(img)
     m.cuda_graphs = False

@@ -4,7 +4,8 @@ A graph replays the whole network (run_static + compact_static) as one launch, s
 longer issues hundreds of kernels per image. The padded batch shape and the precision are baked
 into a capture, so graphs are keyed by them and kept in a small LRU cache; the image sizes travel
 as a device tensor (GeneralizedRCNN.size_table), so every image that pads to one shape shares a
-graph. All graphs share one memory pool.
+graph. A shape is captured the second time it is seen (a capture costs about three forward passes, which
+inputs of a one-off shape would never earn back; those run eagerly). All graphs share one memory pool.
 That is safe because replays never overlap and callers copy a replay's outputs (GeneralizedRCNN.detect
 clones them) before the next replay may reuse the pool.
 """
@@ -27,8 +28,11 @@ class GraphCache:
     after a capture are noticed through the tensors' versions; replacing a parameter object is not.
     """
 
-    def __init__(self, model, max_graphs: int = 8) -> None:
+    def __init__(self, model, max_graphs: int = 8, capture_after: int = 2, max_seen: int = 256) -> None:
         self.max_graphs = max_graphs
+        self.capture_after = capture_after  # capture on this use of a signature (earlier ones run eagerly)
+        self.max_seen = max_seen
+        self._seen: OrderedDict[tuple, int] = OrderedDict()
         self._tensors = list(model.parameters()) + list(model.buffers())
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, InstanceBatch]] = \
             OrderedDict()
@@ -42,6 +46,7 @@ class GraphCache:
         """Drop every graph (and with them their memory)."""
         self._graphs.clear()
         self._failed.clear()
+        self._seen.clear()
         self._pool = None
 
     def _key(self, model, batch) -> tuple:
@@ -51,7 +56,8 @@ class GraphCache:
         return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""), weights)
 
     def run(self, model, batch) -> InstanceBatch:
-        """Compacted fixed-shape detections for `batch`, replayed from a graph (captured on first use).
+        """Compacted fixed-shape detections for `batch`, replayed from a graph (captured on the
+        `capture_after`-th use of its signature; until then run eagerly).
 
         The returned tensors belong to the graph: copy what you keep before the next call.
         Falls back to running eagerly (with one warning) where a capture fails.
@@ -59,8 +65,12 @@ class GraphCache:
         key = self._key(model, batch)
         sizes = model.size_table(batch)
         entry = self._graphs.get(key)
-        if entry is None and key not in self._failed:
+        if entry is None and key not in self._failed and self._capture_due(key):
             entry = self._capture(model, batch.tensor, sizes, key)
+            if entry is not None:
+                self._graphs[key] = entry
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
         if entry is None:
             return model.compact_static(model.run_static(batch.tensor, sizes)[2], sizes)
         self._graphs.move_to_end(key)
@@ -69,6 +79,17 @@ class GraphCache:
         static_sizes.copy_(sizes)
         graph.replay()
         return out
+
+    def _capture_due(self, key: tuple) -> bool:
+        """Count one more use of a signature without a graph; True on its `capture_after`-th use (then it is
+        captured or marked failed, so its count is dropped). Counts are kept for the `max_seen` latest."""
+        n = self._seen.pop(key, 0) + 1
+        if n >= self.capture_after:
+            return True
+        self._seen[key] = n
+        while len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
+        return False
 
     def _capture(self, model, images: torch.Tensor, sizes: torch.Tensor, key: tuple):
         def body(x, s):
@@ -94,7 +115,4 @@ class GraphCache:
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                           "running this input shape without graphs", RuntimeWarning, stacklevel=3)
             return None
-        self._graphs[key] = (graph, static_in, static_sizes, out)
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
-        return self._graphs[key]
+        return graph, static_in, static_sizes, out

@@ -105,7 +105,8 @@ def measure(run1: Callable[[], Any], runb: Callable[[], Any], count: Callable[[A
     ms = 1000 * median_s(run1, device, args.warmup, args.iters)
     peak1 = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     dets = count(run1())
-    s = median_s(runb, device, max(1, args.warmup // 5), args.batch_iters)
+    # two warm-ups at least: CUDA graphs capture a shape on its second use
+    s = median_s(runb, device, max(2, args.warmup // 5), args.batch_iters)
     peakb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"ms": ms, "ips": args.batch / s, "peak1": peak1, "peakb": peakb, "dets": dets}
 

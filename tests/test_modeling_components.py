@@ -20,6 +20,7 @@ from zoo.results import Detections
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_weights import synth_state_dict  # noqa: E402
+from user_support import top_matched  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -153,8 +154,8 @@ def test_cuda_matches_cpu(small_model):
         small_model.to("cpu")
     assert gpu.boxes.device.type == "cuda"
     assert abs(len(gpu) - len(cpu)) <= 2
-    k = min(len(gpu), len(cpu), 20)
-    torch.testing.assert_close(gpu.boxes[:k].cpu(), cpu.boxes[:k], atol=0.5, rtol=0)
+    # TF32 convolutions may reorder near-tied scores, so each confident CPU box is looked up, not indexed
+    assert top_matched(cpu, gpu, 20, 0.95) >= 0.95
 
 
 def test_rpn_prefix_nms_equals_full_nms():

@@ -24,6 +24,7 @@ from zoo.modeling import build_model, load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_weights import synth_tensor  # noqa: E402
+from user_support import box_iou  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = ("grace_hopper", "scene_427x640", "wide_300x1400")
@@ -134,18 +135,9 @@ def runner():
     return Runner()
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
 def _greedy_match(ref_boxes, ref_scores, ref_labels, boxes, labels) -> list[int]:
     """For each reference instance (by decreasing score): the best unused same-class instance, or -1."""
-    iou = _box_iou(ref_boxes.double(), boxes.double())
+    iou = box_iou(ref_boxes.double(), boxes.double())
     iou[ref_labels[:, None] != labels[None, :]] = -1
     used = torch.zeros(len(boxes), dtype=torch.bool)
     match = [-1] * len(ref_boxes)

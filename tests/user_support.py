@@ -113,3 +113,24 @@ def small_synthetic_model(name: str, min_size: int = 320, max_size: int = 512):
     model = build_model(arch)
     load_weights(model, synth_state_dict(json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())))
     return model
+
+
+def box_iou(a, b):
+    """IoU of every box in a [n, 4] with every box in b [m, 4] (x1, y1, x2, y2) -> [n, m]."""
+    import torch
+
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def top_matched(ref, out, top_n: int, min_iou: float) -> float:
+    """Share of `ref`'s top_n Detections that `out` has too: same class and IoU >= min_iou, anywhere in its list
+    (near-tied scores may legitimately reorder or swap the low ones between devices, precisions, batch sizes)."""
+    assert len(ref) >= top_n and len(out) > 0, (len(ref), len(out))
+    iou = box_iou(ref.boxes[:top_n].double().cpu(), out.boxes.double().cpu())
+    iou[ref.labels[:top_n, None].cpu() != out.labels.cpu()[None, :]] = 0
+    return (iou.max(dim=1).values >= min_iou).float().mean().item()

@@ -164,7 +164,8 @@ class GeneralizedRCNN(nn.Module):
     def run_static(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]] | torch.Tensor
                    ) -> tuple[dict[str, torch.Tensor], ProposalBatch, InstanceBatch]:
         """The network with fixed shapes and no host synchronisation: features, padded proposals and
-        padded detections (resized-image pixels). `image_sizes`: (h, w) per image, or a size_table()."""
+        padded detections (resized-image pixels). `image_sizes`: (h, w) per image, or a size_table() (what a
+        CUDA graph or a sync-free run needs: a list is copied from the host here)."""
         if not isinstance(image_sizes, torch.Tensor):
             image_sizes = torch.tensor([[int(v) for v in s] for s in image_sizes], dtype=torch.float32,
                                        device=images.device)

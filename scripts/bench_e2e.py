@@ -71,6 +71,7 @@ def synth_model(name: str, device: torch.device):
 def apply_variant(model, variant: str) -> list[str]:
     """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic'); returns its flags."""
     prec, *flags = variant.split("+")
+    model.clear_cuda_graphs()  # an earlier variant's graphs would hold memory and count in this one's peak
     model.precision = prec
     model.cuda_graphs = "graphs" in flags
     model.static_shapes = False if "dynamic" in flags else None

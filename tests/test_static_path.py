@@ -174,7 +174,8 @@ def test_copies_start_without_graphs(mask_fpn):
         assert pickle.loads(pickle.dumps(mask_fpn))._graph_cache is None
         assert mask_fpn._graph_cache is not None  # the original keeps its graphs
     finally:
-        mask_fpn._graph_cache = None
+        mask_fpn.clear_cuda_graphs()
+    assert mask_fpn._graph_cache is None
 
 
 # ---------------------------------------------------------------------------------------------- host syncs

@@ -99,6 +99,10 @@ class GeneralizedRCNN(nn.Module):
         self._graph_cache = None
         return super()._apply(fn, recurse)
 
+    def clear_cuda_graphs(self) -> None:
+        """Drop the captured CUDA graphs and their memory pool (shapes are captured again on later use)."""
+        self._graph_cache = None
+
     def __getstate__(self):  # copies and pickles start without graphs (they belong to this model's tensors)
         state = super().__getstate__().copy()
         state["_graph_cache"] = None

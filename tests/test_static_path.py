@@ -149,7 +149,7 @@ def test_graph_cache_captures_a_signature_on_its_second_use(mask_fpn, monkeypatc
         cache.run(mask_fpn, c)  # c's second use: captured; the least recently used graph (a) goes
         assert len(cache) == 2 and captures[-1] == shape[id(c)]
         cache.run(mask_fpn, a)  # a's graph is gone and its count was dropped at its capture: eager again
-        assert len(captures) == 3
+        assert len(captures) == 3 and len(replays) == 4
 
         captures.clear()
         forgetful = GraphCache(mask_fpn, max_seen=2)  # counts for the 2 latest signatures only

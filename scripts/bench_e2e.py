@@ -68,9 +68,15 @@ def synth_model(name: str, device: torch.device):
     return model.to(device).eval()
 
 
+def parse_variant(variant: str) -> tuple[str, list[str]]:
+    """'bf16+graphs' -> ('bf16', ['graphs']): the precision, then flags (graphs, dynamic, torchops)."""
+    prec, *flags = variant.split("+")
+    return prec, flags
+
+
 def apply_variant(model, variant: str) -> list[str]:
     """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic'); returns its flags."""
-    prec, *flags = variant.split("+")
+    prec, flags = parse_variant(variant)
     model.clear_cuda_graphs()  # an earlier variant's graphs would hold memory and count in this one's peak
     model.precision = prec
     model.cuda_graphs = "graphs" in flags
@@ -171,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             d2 = D2_MS.get(name)
             model = synth_model(name, device)
             for variant in [p.strip() for p in args.variants.split(",") if p.strip()]:
-                prec, *flags = variant.split("+")
+                prec, flags = parse_variant(variant)
                 if device.type != "cuda" and (prec == "fp16" or "graphs" in flags):
                     notes.append(f"{name} {variant}: skipped (needs CUDA)")
                     continue

@@ -129,7 +129,7 @@ def test_graph_cache_captures_a_signature_on_its_second_use(mask_fpn, monkeypatc
         def replay(self):
             replays.append(1)
 
-    def capture(self, model, images, sizes, key):
+    def capture(self, model, images, sizes):
         captures.append(tuple(images.shape))
         out = model.compact_static(model.run_static(images, sizes)[2], sizes)
         return Recorded(), images.clone(), sizes.clone(), out

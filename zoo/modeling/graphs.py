@@ -42,13 +42,6 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def clear(self) -> None:
-        """Drop every graph (and with them their memory)."""
-        self._graphs.clear()
-        self._failed.clear()
-        self._seen.clear()
-        self._pool = None
-
     def _key(self, model, batch) -> tuple:
         t = batch.tensor
         # tensor versions: weights changed in place after a capture must not replay stale folded copies
@@ -66,13 +59,15 @@ class GraphCache:
         sizes = model.size_table(batch)
         entry = self._graphs.get(key)
         if entry is None and key not in self._failed and self._capture_due(key):
-            entry = self._capture(model, batch.tensor, sizes, key)
-            if entry is not None:
+            entry = self._capture(model, batch.tensor, sizes)
+            if entry is None:
+                self._failed.add(key)
+            else:
                 self._graphs[key] = entry
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
         if entry is None:
-            return model.compact_static(model.run_static(batch.tensor, sizes)[2], sizes)
+            return _compacted(model, batch.tensor, sizes)
         self._graphs.move_to_end(key)
         graph, static_in, static_sizes, out = entry
         static_in.copy_(batch.tensor)
@@ -91,10 +86,8 @@ class GraphCache:
             self._seen.popitem(last=False)
         return False
 
-    def _capture(self, model, images: torch.Tensor, sizes: torch.Tensor, key: tuple):
-        def body(x, s):
-            return model.compact_static(model.run_static(x, s)[2], s)
-
+    def _capture(self, model, images: torch.Tensor, sizes: torch.Tensor):
+        """(graph, input buffer, sizes buffer, outputs) of a new capture, or None (with a warning) if it fails."""
         static_in, static_sizes = images.clone(), sizes.clone()
         try:
             # warm up on a side stream: compiles the Triton kernels, lets cuDNN pick algorithms and fills
@@ -103,16 +96,20 @@ class GraphCache:
             side.wait_stream(torch.cuda.current_stream(static_in.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    body(static_in, static_sizes)
+                    _compacted(model, static_in, static_sizes)
             torch.cuda.current_stream(static_in.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = body(static_in, static_sizes)
+                out = _compacted(model, static_in, static_sizes)
         except Exception as e:  # e.g. ZOO_OPS=torch, whose NMS reads values on the host
-            self._failed.add(key)
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                           "running this input shape without graphs", RuntimeWarning, stacklevel=3)
             return None
         return graph, static_in, static_sizes, out
+
+
+def _compacted(model, images: torch.Tensor, sizes: torch.Tensor) -> InstanceBatch:
+    """What a graph holds: the fixed-shape network and its on-device postprocess."""
+    return model.compact_static(model.run_static(images, sizes)[2], sizes)

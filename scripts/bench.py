@@ -2,7 +2,8 @@
 """CPU speed of zoo's models next to Detectron2's, as a markdown table (seconds per image).
 
 Full `predict` on one image (read, resize, network, postprocess, mask pasting), synthetic weights
-(tests/synth_weights.py, seed 20261124), median of N runs after one warm-up, on T threads.
+(tests/synth_weights.py, seed 20261124), median of N runs after one warm-up, on T threads; zoo twice: with the
+CPU default (exact: Detectron2's conv and batch_norm ops) and with fast_convs=True (FrozenBN folded, channels_last).
 Detectron2's figures come from the project's reference timings (shared/reference/anchors.md, kept outside
 this repository; section "CPU: these 2-core machines", measured 2026-11-26 with the same image, weights and
 protocol).
@@ -42,7 +43,7 @@ def _synth():
     return mod
 
 
-def bench_model(name: str, image: Path, repeats: int) -> list[float]:
+def bench_model(name: str, image: Path, repeats: int, fast_convs: bool) -> list[float]:
     """Seconds per predict call, after one warm-up call."""
     import zoo
     from zoo.modeling import build_model, load_weights
@@ -52,6 +53,7 @@ def bench_model(name: str, image: Path, repeats: int) -> list[float]:
     keys = json.loads((ROOT / "tests" / "fixtures" / "state_dicts" / f"{name}.json").read_text())
     pixel_std = sum(arch.input.pixel_std) / 3
     load_weights(model, _synth().synth_state_dict(keys, 20261124, pixel_std))
+    model.fast_convs = fast_convs
     model.predict(image)
     times = []
     for _ in range(repeats):
@@ -73,13 +75,13 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, {a.image.name}, median of {a.repeats} after 1 warm-up\n")
-    print("| model | zoo s/image | Detectron2 s/image | zoo / Detectron2 |")
-    print("|---|---|---|---|")
+    print("| model | zoo exact s/image | zoo fast_convs s/image | Detectron2 s/image | exact / D2 | fast / D2 |")
+    print("|---|---|---|---|---|---|")
     for name in a.models:
-        med = statistics.median(bench_model(name, a.image, a.repeats))
+        exact, fast = (statistics.median(bench_model(name, a.image, a.repeats, f)) for f in (False, True))
         ref = DETECTRON2_CPU_S.get(name)
-        ratio = f"{med / ref:.2f}" if ref else ""
-        print(f"| {name} | {med:.2f} | {ref if ref else ''} | {ratio} |", flush=True)
+        ratios = f"{exact / ref:.2f} | {fast / ref:.2f}" if ref else " | "
+        print(f"| {name} | {exact:.2f} | {fast:.2f} | {ref if ref else ''} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ def test_bench_synthetic_prints_time_memory_and_published_time(tmp_path):
     assert re.search(r"^peak mem\s+\d+ MiB", out, re.M), out
     assert "grace_hopper.jpg 512x600 resized to 320x375, batch 1" in out  # the bundled image, at the test size
     assert "synthetic" in out
-    assert re.search(r"^path\s+dynamic$", out, re.M), out  # the CPU default
-    r = zoo_cmd("bench", m["name"], "--synthetic", "--iters", "1", "--warmup", "0", "--path", "static", env=env)
+    assert re.search(r"^path\s+dynamic$", out, re.M), out  # the CPU defaults
+    assert re.search(r"^convs\s+exact \(Detectron2 ops\)$", out, re.M), out
+    r = zoo_cmd("bench", m["name"], "--synthetic", "--iters", "1", "--warmup", "0", "--path", "static",
+                "--convs", "fast", env=env)
     assert r.returncode == 0 and re.search(r"^path\s+fixed-shape$", r.stdout, re.M), r.stdout + r.stderr
+    assert re.search(r"^convs\s+fast \(FrozenBN folded, channels_last\)$", r.stdout, re.M), r.stdout
 
 
 def test_bench_rejects_bad_options_before_loading(tmp_path):

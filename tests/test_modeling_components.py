@@ -184,3 +184,40 @@ def test_no_detections_gives_empty_results(small_model):
     assert len(det) == 0 and det.image_size == (40, 60)
     assert det.boxes.shape == (0, 4) and det.labels.dtype == torch.int64
     assert det.masks is not None and det.masks.shape == (0, 40, 60)
+
+
+def test_exact_convs_are_detectron2s_ops(small_model):
+    """On CPU (default) each conv+FrozenBN is Detectron2's conv2d then batch_norm on NCHW tensors, bit for bit."""
+    assert small_model.fast_convs is None and not small_model.uses_fast_convs("cpu")
+    small_model.trace(FIXTURES / "images" / "wide_300x1400.png")
+    conv = small_model.backbone.bottom_up.res2[0].conv2
+    assert not conv.fold_norm and conv.weight.is_contiguous()
+    x = torch.randn(1, conv.in_channels, 37, 53, generator=torch.Generator().manual_seed(0))
+    n = conv.norm
+    with torch.inference_mode():
+        want = F.batch_norm(F.conv2d(x, conv.weight, None, conv.stride, conv.padding), n.running_mean,
+                            n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+        assert torch.equal(conv(x), want)
+
+
+def test_fast_convs_switch_layout_and_back(small_model):
+    image = FIXTURES / "images" / "wide_300x1400.png"
+    before = {k: v.clone() for k, v in small_model.state_dict().items()}
+    exact = small_model.trace(image).features
+    conv = small_model.backbone.bottom_up.res2[0].conv2
+    try:
+        small_model.fast_convs = True
+        fast = small_model.trace(image).features
+        assert conv.fold_norm and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert fast["p2"].is_contiguous(memory_format=torch.channels_last)
+        for k in exact:  # folding rounds differently, within float noise
+            torch.testing.assert_close(fast[k], exact[k], rtol=1e-4, atol=1e-4)
+    finally:
+        small_model.fast_convs = None
+    again = small_model.trace(image).features
+    assert not conv.fold_norm and conv.weight.is_contiguous()
+    assert all(torch.equal(again[k], exact[k]) for k in exact)
+    after = small_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # converted inside predict's inference mode, yet still trainable parameters
+    assert not any(p.is_inference() for p in small_model.parameters())

@@ -161,7 +161,10 @@ def test_folded_frozen_bn_matches_and_follows_reloads():
                                                   conv.norm.weight, conv.norm.bias, False, 0.0, 1e-5)
 
     with torch.inference_mode():
+        assert torch.equal(conv(x), unfolded())  # unfolded by default: Detectron2's two ops
+        conv.fold_norm = True
         torch.testing.assert_close(conv(x), unfolded(), rtol=1e-5, atol=1e-5)
+        assert conv._folded is not None
     # a later in-place load must invalidate the folded copy
     sd = {k: v * 1.5 for k, v in conv.state_dict().items()}
     conv.load_state_dict(sd)
@@ -174,6 +177,7 @@ def test_folded_copy_in_autocast_dtype_gives_the_same_result():
     # under autocast the folded copy is kept in bf16; conv2d would have cast the fp32 copy the same way
     torch.manual_seed(1)
     conv = Conv2d(8, 16, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(16))
+    conv.fold_norm = True  # as GeneralizedRCNN sets it for fast convolutions
     with torch.no_grad():
         conv.norm.weight.uniform_(0.5, 1.5)
         conv.norm.running_var.uniform_(0.5, 2.0)

@@ -39,6 +39,7 @@ def get(
     precision: str = "fp32",
     static_shapes: Optional[bool] = None,
     cuda_graphs: bool = False,
+    fast_convs: Optional[bool] = None,
 ) -> torch.nn.Module:
     """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights).
 
@@ -48,7 +49,10 @@ def get(
 
     static_shapes: None (default) uses the fixed-shape, sync-free inference path on CUDA and the dynamic one
     on CPU; True/False forces one (same detections). cuda_graphs=True (CUDA only) replays the fixed-shape
-    path from CUDA graphs captured per padded batch shape. Both are attributes of the model too.
+    path from CUDA graphs captured per padded batch shape. fast_convs: None (default) runs Detectron2's own
+    conv and batch_norm ops for fp32 on CPU (features bit-identical to Detectron2's), and otherwise folds
+    FrozenBN into the convolutions and runs them channels_last; True/False forces one (True is faster on CPU
+    too, with last-bit differences that can reorder near-tied scores). All three are attributes of the model.
     """
     from .hub import fetch, load_checkpoint
     from .modeling import build_model, load_weights
@@ -71,4 +75,5 @@ def get(
     model.precision = precision
     model.static_shapes = static_shapes
     model.cuda_graphs = cuda_graphs
+    model.fast_convs = fast_convs
     return model.to(dev).eval()

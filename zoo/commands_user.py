@@ -172,6 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model.precision = precision
     model.static_shapes = static
     model.cuda_graphs = args.cuda_graphs
+    model.fast_convs = {"auto": None, "fast": True, "exact": False}[args.convs]
     dev = model.device
     iters = args.iters if args.iters is not None else (20 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
@@ -210,6 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"device     {dev} ({where}), torch {torch.__version__}, {precision}",
         f"path       {'fixed-shape' if model.uses_static_shapes(dev) else 'dynamic'}"
         f"{' + CUDA graphs' if args.cuda_graphs else ''}",
+        f"convs      {'fast (FrozenBN folded, channels_last)' if model.uses_fast_convs(dev) else 'exact (Detectron2 ops)'}",
         f"input      {image_path.name} {w}x{h} resized to {rw}x{rh}, batch {args.batch}",
         f"time       {median:.4f} s/im median of {iters} (min {min(times):.4f}, max {max(times):.4f}), "
         f"after {warmup} warm-up",
@@ -255,6 +257,9 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--path", choices=("auto", "static", "dynamic"), default="auto",
                    help="inference path: fixed-shape (no host sync) or dynamic; auto: fixed-shape on CUDA")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the fixed-shape path from CUDA graphs")
+    p.add_argument("--convs", choices=("auto", "exact", "fast"), default="auto",
+                   help="convolutions: exact (Detectron2's ops), fast (FrozenBN folded, channels_last) or auto "
+                        "(exact for fp32 on CPU, else fast; default)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     w.add_argument("--synthetic", action="store_true", help="random weights: no download, timing only")

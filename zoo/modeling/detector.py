@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..manifest import Architecture
 from .backbone import build_backbone
 from .box_coder import clip_boxes, nonempty
+from .layers import Conv2d
 from .mask_paste import detector_postprocess, paste_masks_in_image
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
@@ -91,12 +92,18 @@ class GeneralizedRCNN(nn.Module):
         # shape and precision (zoo.modeling.graphs); off by default until timed on a GPU
         self.cuda_graphs = False
         self._graph_cache = None
-        # oneDNN (CPU) and cuDNN run these convs faster on NHWC; the state_dict is unaffected
-        self.to(memory_format=torch.channels_last)
+        # True: FrozenBN folded into cached conv weights and NHWC (channels_last) tensors, which oneDNN and
+        # cuDNN run faster but round differently from Detectron2; False: Detectron2's own ops (conv, then
+        # batch_norm, NCHW), whose features are bit-identical to Detectron2's on CPU; None (default): exact for
+        # fp32 on CPU, fast otherwise (on CUDA, TF32 and cuDNN's algorithm choice round differently anyway;
+        # bf16/fp16 round far more)
+        self.fast_convs: Optional[bool] = None
+        self._convs_laid_out_fast: Optional[bool] = None  # the fast_convs choice the weights are laid out for
         self.eval()
 
     def _apply(self, fn, recurse: bool = True):  # moved or cast: captured graphs point at the old tensors
         self._graph_cache = None
+        self._convs_laid_out_fast = None  # a cast may also have changed the weights' memory format
         return super()._apply(fn, recurse)
 
     def clear_cuda_graphs(self) -> None:
@@ -146,10 +153,30 @@ class GeneralizedRCNN(nn.Module):
         """Forward pass that also returns the backbone features and the proposals."""
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
         with self._autocast(images.device):
-            features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+            features = self.backbone(images.contiguous(memory_format=self._lay_out_convs(images.device)))
             proposals = self.proposal_generator(features, image_sizes)
             instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
         return Trace(None, features, proposals, instances)  # the batch (with original sizes) is trace()'s
+
+    def uses_fast_convs(self, device: torch.device) -> bool:
+        """Whether the network runs fast (folded, channels_last) convolutions on `device` (see `fast_convs`)."""
+        if self.fast_convs is None:
+            return torch.device(device).type == "cuda" or self.precision != "fp32"
+        return bool(self.fast_convs)
+
+    def _lay_out_convs(self, device: torch.device) -> torch.memory_format:
+        """Lay the weights out for the conv mode on `device` (converted only when the mode changes); returns
+        the memory format the backbone's input takes."""
+        fast = self.uses_fast_convs(device)
+        layout = torch.channels_last if fast else torch.contiguous_format
+        if self._convs_laid_out_fast != fast:
+            with torch.inference_mode(False):  # weights converted in predict's inference mode could not train
+                self.to(memory_format=layout)
+            for m in self.modules():
+                if isinstance(m, Conv2d):
+                    m.fold_norm = fast
+            self._convs_laid_out_fast = fast
+        return layout
 
     def uses_static_shapes(self, device: torch.device) -> bool:
         """Whether predict/trace take the fixed-shape path on `device` (see `static_shapes`)."""
@@ -174,7 +201,7 @@ class GeneralizedRCNN(nn.Module):
             image_sizes = torch.tensor([[int(v) for v in s] for s in image_sizes], dtype=torch.float32,
                                        device=images.device)
         with self._autocast(images.device):
-            features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+            features = self.backbone(images.contiguous(memory_format=self._lay_out_convs(images.device)))
             proposals = self.proposal_generator(features, image_sizes, static=True)
             instances = self.roi_heads.forward_static(features, proposals.boxes, proposals.counts, image_sizes)
         instances.complete = instances.complete & proposals.complete
@@ -231,6 +258,7 @@ class GeneralizedRCNN(nn.Module):
         """Detections in original-image pixels for a preprocessed batch (static or dynamic path)."""
         if self.uses_static_shapes(batch.tensor.device):
             if self.cuda_graphs and batch.tensor.is_cuda:
+                self._lay_out_convs(batch.tensor.device)  # before the cache: a layout change drops it
                 if self._graph_cache is None:
                     from .graphs import GraphCache
 

@@ -27,9 +27,11 @@ class FrozenBatchNorm2d(nn.Module):
         return scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the frozen affine transform."""
-        scale, shift = self.scale_shift()
-        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        """Apply the frozen affine transform, with Detectron2's ops (so its rounding too)."""
+        if x.requires_grad:
+            scale, shift = self.scale_shift()
+            return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -38,13 +40,16 @@ class FrozenBatchNorm2d(nn.Module):
 class Conv2d(nn.Conv2d):
     """nn.Conv2d with an optional FrozenBatchNorm child named `norm`.
 
-    At inference the norm is folded into a cached copy of the conv weight and bias; the
-    parameters and buffers (and so the state_dict) stay exactly as in Detectron2.
+    With `fold_norm` set (GeneralizedRCNN's fast convolutions), inference folds the norm into a cached
+    copy of the conv weight and bias: one op instead of two, but different rounding from Detectron2's
+    conv-then-batch_norm, which is what runs otherwise. The parameters and buffers (and so the
+    state_dict) stay exactly as in Detectron2 either way.
     """
 
     def __init__(self, *args, norm: Optional[FrozenBatchNorm2d] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.norm = norm
+        self.fold_norm = False
         self._fold_key: Optional[tuple] = None
         self._folded: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
@@ -81,7 +86,7 @@ class Conv2d(nn.Conv2d):
         """Convolution followed by the (folded) frozen norm."""
         if self.norm is None:
             return super().forward(x)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        if not self.fold_norm or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self.norm(self._conv_forward(x, self.weight, self.bias))
         w, b = self._folded_params(x.device.type)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Differential check against Detectron2's own source: both run a baseline on any images, with the synthetic
+weights of any seed, and a table says where they differ (sizes, top RPN proposals, detections, masks).
+
+The recorded fixtures cover 3 images and one seed; this reaches the cases they do not (tiny, huge, flat,
+grey or extreme-aspect images, other weights). Detectron2 is imported from --detectron2 (a source tree; its
+C++ extension is not needed for these models), e.g. the sdist of `detectron2-cdo` (Detectron2 0.5):
+
+    pip download --no-deps --no-build-isolation detectron2-cdo==0.5 && tar xzf detectron2_cdo-0.5.tar.gz
+    python scripts/detectron2_oracle.py mask_rcnn_R_50_C4_3x img1.png img2.jpg --detectron2 detectron2_cdo-0.5 \
+        --seeds 20261124 7
+
+Needs Detectron2's pure-Python dependencies (fvcore, iopath, yacs, omegaconf, termcolor, tabulate, cloudpickle,
+pycocotools). Where torchvision does not import (its wheel fails with the CPU torch of the build machines), its
+roi_align and nms are stood in by zoo's PyTorch reference ops: the check then covers everything Detectron2 does
+around those ops, not the ops themselves (tests/test_ops_* and the GPU tests cover those). Detectron2 < 0.6 ranks
+RPN candidates with sort, current Detectron2 with topk: exactly tied logits may then be kept in another order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+FIXTURES = ROOT / "tests" / "fixtures"
+MATCH_IOU = 0.98  # as tests/test_parity.py
+MIN_MASK_IOU = 0.97
+
+
+def _stand_in_torchvision() -> None:
+    """A `torchvision` module whose ops are zoo's PyTorch reference implementations."""
+    from zoo import ops
+
+    tv = types.ModuleType("torchvision")
+    tv.__version__ = "0.26.0"  # Detectron2 checks >= 0.7 for aligned ROIAlign
+    tv_ops = types.ModuleType("torchvision.ops")
+    boxes = types.ModuleType("torchvision.ops.boxes")
+
+    def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+        return ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned, backend="torch")
+
+    def nms(b, s, thr):
+        return ops.nms(b, s, thr, backend="torch")
+
+    def batched_nms(b, s, idxs, thr):
+        return ops.batched_nms(b, s, idxs, thr, backend="torch")
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("not part of the stand-in torchvision")
+
+    tv_ops.roi_align, tv_ops.nms, tv_ops.boxes = roi_align, nms, boxes
+    tv_ops.RoIPool = tv_ops.deform_conv2d = unavailable
+    boxes.nms, boxes.batched_nms = nms, batched_nms
+    boxes.box_area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    tv.ops = tv_ops
+    sys.modules.update({"torchvision": tv, "torchvision.ops": tv_ops, "torchvision.ops.boxes": boxes})
+
+
+def _import_detectron2(src: Path) -> None:
+    sys.path.insert(0, str(src))
+    try:
+        import torchvision
+
+        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # the CPU machines' wheel fails here
+    except Exception:
+        for k in [k for k in sys.modules if k.startswith("torchvision")]:
+            del sys.modules[k]
+        _stand_in_torchvision()
+        print("torchvision unavailable: its roi_align/nms are zoo's reference ops here", file=sys.stderr)
+    sys.modules.setdefault("detectron2._C", types.ModuleType("detectron2._C"))  # rotated/deformable ops only
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):  # Detectron2 0.5 names a constant Pillow 10 removed
+        Image.LINEAR = Image.BILINEAR
+
+
+def _weights(name: str, seed: int) -> tuple[dict, float]:
+    from synth_weights import synth_state_dict
+
+    import zoo
+
+    keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+    pixel_std = round(float(np.mean(zoo.get_manifest(name).architecture.input.pixel_std)), 2)  # as recorded
+    return synth_state_dict(keys, seed, pixel_std), pixel_std
+
+
+def _detectron2_model(name: str, config: Path, state: dict):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)  # merged configs of later versions carry keys 0.5 does not know
+    cfg.merge_from_file(str(config))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    if unexpected or set(missing) - {"pixel_mean", "pixel_std"}:
+        raise SystemExit(f"{name}: state_dict mismatch (missing {missing}, unexpected {unexpected})")
+    return model, cfg
+
+
+def _run_detectron2(model, cfg, path: Path) -> dict:
+    from detectron2.data import transforms as T
+    from detectron2.modeling.postprocessing import detector_postprocess
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    if cfg.INPUT.FORMAT == "BGR":
+        img = img[:, :, ::-1]
+    h, w = img.shape[:2]
+    resized = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST).get_transform(img) \
+        .apply_image(img)
+    t = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+    with torch.no_grad():
+        batch = model.preprocess_image([{"image": t}])
+        feats = model.backbone(batch.tensor)
+        props, _ = model.proposal_generator(batch, feats, None)
+        inst, _ = model.roi_heads(batch, feats, props, None)
+        r = detector_postprocess(inst[0], h, w)
+    return {"sizes": (resized.shape[0], resized.shape[1], tuple(batch.tensor.shape[-2:])),
+            "proposals": props[0].proposal_boxes.tensor.numpy(), "boxes": r.pred_boxes.tensor.numpy(),
+            "scores": r.scores.numpy(), "labels": r.pred_classes.numpy(),
+            "masks": r.pred_masks.numpy() if r.has("pred_masks") else None}
+
+
+def _run_zoo(model, path: Path) -> dict:
+    tr = model.trace(path)
+    d = tr.detections[0]
+    return {"sizes": (*tr.batch.image_sizes[0], tuple(tr.batch.tensor.shape[-2:])),
+            "proposals": tr.proposals[0].boxes.numpy(), "boxes": d.boxes.numpy(), "scores": d.scores.numpy(),
+            "labels": d.labels.numpy(), "masks": None if d.masks is None else d.masks.numpy()}
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
+
+
+def compare(ref: dict, out: dict) -> dict:
+    """What differs: proposal rows (bitwise), detections matched (same class, IoU >= 0.98), masks below 0.97."""
+    row = {"sizes": ref["sizes"] == out["sizes"], "n": f"{len(ref['boxes'])}/{len(out['boxes'])}"}
+    p, q = ref["proposals"], out["proposals"]
+    row["proposals equal"] = f"{int((p == q).all(1).sum()) if p.shape == q.shape else 0}/{len(p)}"
+    matched, bad_masks, worst = 0, 0, 0.0
+    if len(ref["boxes"]) and len(out["boxes"]):
+        iou = _box_iou(ref["boxes"], out["boxes"])
+        iou[ref["labels"][:, None] != out["labels"][None, :]] = -1
+        free = np.ones(len(out["boxes"]), dtype=bool)
+        for i in np.argsort(-ref["scores"], kind="stable"):
+            cand = np.where(free, iou[i], -1)
+            j = int(cand.argmax())
+            if cand[j] < MATCH_IOU:
+                continue
+            free[j] = False
+            matched += 1
+            worst = max(worst, float(np.abs(ref["boxes"][i] - out["boxes"][j]).max()))
+            if ref["masks"] is not None:
+                a, b = ref["masks"][i], out["masks"][j]
+                union = np.logical_or(a, b).sum()
+                bad_masks += bool(union) and np.logical_and(a, b).sum() / union < MIN_MASK_IOU
+    row.update({"matched": f"{matched}/{len(ref['boxes'])}", "max box diff": f"{worst:.1e}",
+                "masks < 0.97": bad_masks})
+    row["ok"] = (row["sizes"] and len(ref["boxes"]) == len(out["boxes"]) and matched >= 0.97 * len(ref["boxes"])
+                 and not bad_masks)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", help="baseline, e.g. mask_rcnn_R_50_C4_3x")
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--detectron2", type=Path, required=True, help="Detectron2 source tree (holds detectron2/)")
+    ap.add_argument("--configs", type=Path, default=ROOT.parent / "shared" / "reference" / "detectron2_configs",
+                    help="folder of the baselines' merged Detectron2 configs (<name>.yaml)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[20261124])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--path", choices=("dynamic", "static"), default="dynamic", help="zoo's inference path")
+    ap.add_argument("--fast-convs", action="store_true", help="zoo with fast (folded, channels_last) convolutions")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    _import_detectron2(a.detectron2)
+    import zoo
+    from zoo.modeling import build_model, load_weights
+
+    config = a.configs / f"{a.name}.yaml"
+    if not config.is_file():
+        raise SystemExit(f"no Detectron2 config {config}; pass --configs with the merged <name>.yaml files")
+    cols = ["seed", "image", "ok", "sizes", "n", "proposals equal", "matched", "max box diff", "masks < 0.97"]
+    print(f"{a.name}: Detectron2 from {a.detectron2} vs zoo ({a.path} path, "
+          f"{'fast' if a.fast_convs else 'exact'} convs), {a.threads} threads\n")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    failures = 0
+    for seed in a.seeds:
+        state, _ = _weights(a.name, seed)
+        d2, cfg = _detectron2_model(a.name, config, state)
+        ours = build_model(zoo.get_manifest(a.name).architecture)
+        load_weights(ours, state)
+        ours.static_shapes, ours.fast_convs = a.path == "static", a.fast_convs or None
+        for path in a.images:
+            row = compare(_run_detectron2(d2, cfg, path), _run_zoo(ours, path))
+            row.update(seed=seed, image=path.name)
+            failures += not row["ok"]
+            print("| " + " | ".join(str(row[c]) for c in cols) + " |", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -240,13 +240,17 @@ class Res5ROIHeads(_ROIHeadsBase):
             chunk = flat[start:start + self.chunk_size]
             yield self.res5(self.pooler([feature], chunk))
 
+    def _predict(self, feature: torch.Tensor, boxes: list[torch.Tensor] | torch.Tensor):
+        """Class logits and box deltas of every ROI. The predictor takes all pooled ROIs in one call, as in
+        Detectron2: a matrix product over a chunk of rows can round differently from one over all of them."""
+        pooled = torch.cat([x.mean(dim=[2, 3]) for x in self._res5_chunks(feature, boxes)])
+        return self.box_predictor(pooled)
+
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_sizes: Sequence[tuple[int, int]]) -> list[RawInstances]:
         """Detections (and mask probabilities) per image from per-image proposal boxes."""
         feature = features[self.in_features[0]]
-        outs = [self.box_predictor(x.mean(dim=[2, 3])) for x in self._res5_chunks(feature, proposals)]
-        logits = torch.cat([o[0] for o in outs])
-        deltas = torch.cat([o[1] for o in outs])
+        logits, deltas = self._predict(feature, proposals)
         results = self._inference(logits, deltas, proposals, image_sizes)
         if self.mask_on:
             boxes = [r.boxes for r in results]
@@ -259,9 +263,7 @@ class Res5ROIHeads(_ROIHeadsBase):
         """forward() on padded proposals [N, K, 4] (first counts[i] real), with static shapes throughout;
         image_sizes: [N, >=2] tensor of (h, w)."""
         feature = features[self.in_features[0]]
-        outs = [self.box_predictor(x.mean(dim=[2, 3])) for x in self._res5_chunks(feature, proposals)]
-        logits = torch.cat([o[0] for o in outs])
-        deltas = torch.cat([o[1] for o in outs])
+        logits, deltas = self._predict(feature, proposals)
         out = self._inference_static(logits, deltas, proposals, counts, image_sizes)
         if self.mask_on:
             mask_logits = torch.cat([self.mask_head(x) for x in self._res5_chunks(feature, out.boxes)])

@@ -106,36 +106,43 @@ def _detectron2_model(name: str, config: Path, state: dict):
     return model, cfg
 
 
-def _run_detectron2(model, cfg, path: Path) -> dict:
+def _run_detectron2(model, cfg, paths: list[Path]) -> list[dict]:
+    """Detectron2's results for `paths` run as one batch (padded to a common size, as its inference does)."""
     from detectron2.data import transforms as T
     from detectron2.modeling.postprocessing import detector_postprocess
     from PIL import Image
 
-    img = np.asarray(Image.open(path).convert("RGB"))
-    if cfg.INPUT.FORMAT == "BGR":
-        img = img[:, :, ::-1]
-    h, w = img.shape[:2]
-    resized = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST).get_transform(img) \
-        .apply_image(img)
-    t = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    inputs, originals = [], []
+    for path in paths:
+        img = np.asarray(Image.open(path).convert("RGB"))
+        if cfg.INPUT.FORMAT == "BGR":
+            img = img[:, :, ::-1]
+        resized = resize.get_transform(img).apply_image(img)
+        inputs.append({"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))})
+        originals.append(img.shape[:2])
     with torch.no_grad():
-        batch = model.preprocess_image([{"image": t}])
+        batch = model.preprocess_image(inputs)
         feats = model.backbone(batch.tensor)
         props, _ = model.proposal_generator(batch, feats, None)
         inst, _ = model.roi_heads(batch, feats, props, None)
-        r = detector_postprocess(inst[0], h, w)
-    return {"sizes": (resized.shape[0], resized.shape[1], tuple(batch.tensor.shape[-2:])),
-            "proposals": props[0].proposal_boxes.tensor.numpy(), "boxes": r.pred_boxes.tensor.numpy(),
-            "scores": r.scores.numpy(), "labels": r.pred_classes.numpy(),
-            "masks": r.pred_masks.numpy() if r.has("pred_masks") else None}
+    out = []
+    for i, (h, w) in enumerate(originals):
+        r = detector_postprocess(inst[i], h, w)
+        out.append({"sizes": (*batch.image_sizes[i], tuple(batch.tensor.shape[-2:])),
+                    "proposals": props[i].proposal_boxes.tensor.numpy(), "boxes": r.pred_boxes.tensor.numpy(),
+                    "scores": r.scores.numpy(), "labels": r.pred_classes.numpy(),
+                    "masks": r.pred_masks.numpy() if r.has("pred_masks") else None})
+    return out
 
 
-def _run_zoo(model, path: Path) -> dict:
-    tr = model.trace(path)
-    d = tr.detections[0]
-    return {"sizes": (*tr.batch.image_sizes[0], tuple(tr.batch.tensor.shape[-2:])),
-            "proposals": tr.proposals[0].boxes.numpy(), "boxes": d.boxes.numpy(), "scores": d.scores.numpy(),
-            "labels": d.labels.numpy(), "masks": None if d.masks is None else d.masks.numpy()}
+def _run_zoo(model, paths: list[Path]) -> list[dict]:
+    """zoo's results for `paths` run as one batch (trace pads them together, like predict(exact=False))."""
+    tr = model.trace(list(paths))
+    return [{"sizes": (*tr.batch.image_sizes[i], tuple(tr.batch.tensor.shape[-2:])),
+             "proposals": p.boxes.numpy(), "boxes": d.boxes.numpy(), "scores": d.scores.numpy(),
+             "labels": d.labels.numpy(), "masks": None if d.masks is None else d.masks.numpy()}
+            for i, (p, d) in enumerate(zip(tr.proposals, tr.detections))]
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -186,6 +193,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--path", choices=("dynamic", "static"), default="dynamic", help="zoo's inference path")
     ap.add_argument("--fast-convs", action="store_true", help="zoo with fast (folded, channels_last) convolutions")
+    ap.add_argument("--batched", action="store_true",
+                    help="all images as one padded batch (Detectron2's batched inference; zoo's predict(exact=False))")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     _import_detectron2(a.detectron2)
@@ -197,7 +206,8 @@ def main() -> int:
         raise SystemExit(f"no Detectron2 config {config}; pass --configs with the merged <name>.yaml files")
     cols = ["seed", "image", "ok", "sizes", "n", "proposals equal", "matched", "max box diff", "masks < 0.97"]
     print(f"{a.name}: Detectron2 from {a.detectron2} vs zoo ({a.path} path, "
-          f"{'fast' if a.fast_convs else 'exact'} convs), {a.threads} threads\n")
+          f"{'fast' if a.fast_convs else 'exact'} convs), {a.threads} threads"
+          f"{', one batch' if a.batched else ''}\n")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     failures = 0
     for seed in a.seeds:
@@ -206,11 +216,12 @@ def main() -> int:
         ours = build_model(zoo.get_manifest(a.name).architecture)
         load_weights(ours, state)
         ours.static_shapes, ours.fast_convs = a.path == "static", a.fast_convs or None
-        for path in a.images:
-            row = compare(_run_detectron2(d2, cfg, path), _run_zoo(ours, path))
-            row.update(seed=seed, image=path.name)
-            failures += not row["ok"]
-            print("| " + " | ".join(str(row[c]) for c in cols) + " |", flush=True)
+        for paths in [a.images] if a.batched else [[p] for p in a.images]:
+            for path, ref, out in zip(paths, _run_detectron2(d2, cfg, paths), _run_zoo(ours, paths)):
+                row = compare(ref, out)
+                row.update(seed=seed, image=path.name)
+                failures += not row["ok"]
+                print("| " + " | ".join(str(row[c]) for c in cols) + " |", flush=True)
     return 1 if failures else 0
 
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 FIXTURES = ROOT / "tests" / "fixtures"
-MATCH_IOU = 0.98  # as tests/test_parity.py
+MATCH_IOU = 0.98  # as tests/test_parity.py, with its matcher (tests/user_support.greedy_match)
 MIN_MASK_IOU = 0.97
 
 
@@ -146,36 +146,24 @@ def _run_zoo(model, paths: list[Path]) -> list[dict]:
             for i, (p, d) in enumerate(zip(tr.proposals, tr.detections))]
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
-
-
 def compare(ref: dict, out: dict) -> dict:
     """What differs: proposal rows (bitwise), detections matched (same class, IoU >= 0.98), masks below 0.97."""
     row = {"sizes": ref["sizes"] == out["sizes"], "n": f"{len(ref['boxes'])}/{len(out['boxes'])}"}
     p, q = ref["proposals"], out["proposals"]
     row["proposals equal"] = f"{int((p == q).all(1).sum()) if p.shape == q.shape else 0}/{len(p)}"
-    matched, bad_masks, worst = 0, 0, 0.0
-    if len(ref["boxes"]) and len(out["boxes"]):
-        iou = _box_iou(ref["boxes"], out["boxes"])
-        iou[ref["labels"][:, None] != out["labels"][None, :]] = -1
-        free = np.ones(len(out["boxes"]), dtype=bool)
-        for i in np.argsort(-ref["scores"], kind="stable"):
-            cand = np.where(free, iou[i], -1)
-            j = int(cand.argmax())
-            if cand[j] < MATCH_IOU:
-                continue
-            free[j] = False
-            matched += 1
-            worst = max(worst, float(np.abs(ref["boxes"][i] - out["boxes"][j]).max()))
-            if ref["masks"] is not None:
-                a, b = ref["masks"][i], out["masks"][j]
-                union = np.logical_or(a, b).sum()
-                bad_masks += bool(union) and np.logical_and(a, b).sum() / union < MIN_MASK_IOU
+    from user_support import greedy_match
+
+    match = greedy_match(*(torch.from_numpy(np.asarray(ref[k])) for k in ("boxes", "scores", "labels")),
+                         torch.from_numpy(np.asarray(out["boxes"])), torch.from_numpy(np.asarray(out["labels"])),
+                         MATCH_IOU)
+    pairs = [(i, j) for i, j in enumerate(match) if j >= 0]
+    matched = len(pairs)
+    worst = max((float(np.abs(ref["boxes"][i] - out["boxes"][j]).max()) for i, j in pairs), default=0.0)
+    bad_masks = 0
+    for i, j in pairs if ref["masks"] is not None else ():
+        a, b = ref["masks"][i], out["masks"][j]
+        union = np.logical_or(a, b).sum()
+        bad_masks += bool(union) and np.logical_and(a, b).sum() / union < MIN_MASK_IOU
     row.update({"matched": f"{matched}/{len(ref['boxes'])}", "max box diff": f"{worst:.1e}",
                 "masks < 0.97": bad_masks})
     row["ok"] = (row["sizes"] and len(ref["boxes"]) == len(out["boxes"]) and matched >= 0.97 * len(ref["boxes"])

@@ -24,7 +24,7 @@ from zoo.modeling import build_model, load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_weights import synth_tensor  # noqa: E402
-from user_support import box_iou  # noqa: E402
+from user_support import greedy_match  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = ("grace_hopper", "scene_427x640", "wide_300x1400")
@@ -135,21 +135,6 @@ def runner():
     return Runner()
 
 
-def _greedy_match(ref_boxes, ref_scores, ref_labels, boxes, labels) -> list[int]:
-    """For each reference instance (by decreasing score): the best unused same-class instance, or -1."""
-    iou = box_iou(ref_boxes.double(), boxes.double())
-    iou[ref_labels[:, None] != labels[None, :]] = -1
-    used = torch.zeros(len(boxes), dtype=torch.bool)
-    match = [-1] * len(ref_boxes)
-    for i in torch.argsort(ref_scores, descending=True, stable=True).tolist():
-        row = iou[i].clone()
-        row[used] = -1
-        if len(row) and row.max() >= MATCH_IOU:
-            j = int(row.argmax())
-            match[i], used[j] = j, True
-    return match
-
-
 def _decode_rle(rle: dict) -> np.ndarray:
     from pycocotools import mask as mask_util
 
@@ -195,7 +180,7 @@ def test_parity(runner, name, image, path):
     ref_scores = torch.tensor(ri["scores"], dtype=torch.float64)
     ref_labels = torch.tensor(ri["classes"], dtype=torch.int64)
     assert abs(len(out.scores) - len(ref_scores)) <= 2
-    match = _greedy_match(ref_boxes, ref_scores, ref_labels, out.boxes, out.labels)
+    match = greedy_match(ref_boxes, ref_scores, ref_labels, out.boxes, out.labels, MATCH_IOU)
     matched = [i for i, j in enumerate(match) if j >= 0]
     assert len(matched) >= MIN_MATCHED * len(ref_scores), (len(matched), len(ref_scores))
     top = torch.argsort(ref_scores, descending=True, stable=True)[:50].tolist()

@@ -134,3 +134,21 @@ def top_matched(ref, out, top_n: int, min_iou: float) -> float:
     iou = box_iou(ref.boxes[:top_n].double().cpu(), out.boxes.double().cpu())
     iou[ref.labels[:top_n, None].cpu() != out.labels.cpu()[None, :]] = 0
     return (iou.max(dim=1).values >= min_iou).float().mean().item()
+
+
+def greedy_match(ref_boxes, ref_scores, ref_labels, boxes, labels, min_iou: float) -> list[int]:
+    """For each reference instance (by decreasing score): the best unused same-class instance with IoU >= min_iou,
+    or -1. Tensors (boxes [n, 4] / [m, 4])."""
+    import torch
+
+    iou = box_iou(ref_boxes.double(), boxes.double())
+    iou[ref_labels[:, None] != labels[None, :]] = -1
+    used = torch.zeros(len(boxes), dtype=torch.bool)
+    match = [-1] * len(ref_boxes)
+    for i in torch.argsort(ref_scores, descending=True, stable=True).tolist():
+        row = iou[i].clone()
+        row[used] = -1
+        if len(row) and row.max() >= min_iou:
+            j = int(row.argmax())
+            match[i], used[j] = j, True
+    return match

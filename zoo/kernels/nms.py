@@ -223,7 +223,7 @@ def _batched_nms_per_class(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thre
     n = boxes.shape[0]
     if n <= _GROUP:
         out, _ = _run(boxes, scores, iou_threshold, n, idxs)
-        return out[out >= 0]
+        return reference.order_kept_by_score(out[out >= 0].sort().values, scores)
     order, sb, cdt = _prepare(boxes, scores)
     cls = idxs.index_select(0, order).to(torch.int64)
     by_class = torch.sort(cls, stable=True).indices  # class-major, score order inside each class
@@ -242,8 +242,7 @@ def _batched_nms_per_class(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thre
                          iou_threshold, e - s, cdt)
         kept.append(out)
     keep = torch.cat(kept)
-    keep = keep[keep >= 0].sort().values  # like torchvision: index order, then a stable sort by score
-    return keep[torch.sort(scores.index_select(0, keep), descending=True, stable=True).indices]
+    return reference.order_kept_by_score(keep[keep >= 0].sort().values, scores)
 
 
 def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor,
@@ -256,6 +255,8 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
     each problem's valid count: per-class NMS is class-aware NMS on the original coordinates,
     the coordinate trick class-agnostic NMS on offset ones (all classes 0), so one launch serves
     both. Invalid boxes sort last and are left out of the kernels by a device-side row count.
+    Kept boxes come out by decreasing score with ties in index order (torchvision's per-class
+    regime may order exact ties otherwise: its last sort is unstable; on CPU above 16 boxes).
     """
     single = boxes.dim() == 2
     if single:

@@ -9,8 +9,11 @@ Semantics notes:
 - roi_align coordinates and sampling run in fp32 (fp64 for fp64 input on the torch
   path) and results accumulate in fp32; boxes are not cast to the feature dtype.
 - nms sorts scores with a *stable* descending sort, so tied scores keep the lower
-  index first. torchvision's CPU kernel uses an unstable std::sort (identical for
-  n <= 16 or distinct scores); its CUDA kernel's radix sort is stable like ours.
+  index first, as torchvision's CPU nms does (checked against torchvision 0.28).
+- batched_nms's per-class regime ends, like torchvision's, with torch's default
+  (unstable) sort of the kept scores: the same call on the same input reproduces its
+  order of exact ties (on CPU not index order above 16 kept boxes). The Triton
+  fixed-shape path (batched_nms_fixed) orders ties by index instead.
 - IoU is compared with the threshold as torchvision's CPU kernel does (float IoU vs
   double threshold); torchvision's CUDA kernel rounds the threshold to float first,
   which differs only when float(thr) > thr and an IoU equals float(thr) exactly.

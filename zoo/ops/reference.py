@@ -474,8 +474,16 @@ def _batched_nms_vanilla(boxes: Tensor, scores: Tensor, idxs: Tensor,
         cur = torch.nonzero(idxs == cls).squeeze(1)
         k = nms(boxes[cur], scores[cur], iou_threshold)
         keep_mask[cur[k]] = True
-    keep = torch.nonzero(keep_mask).squeeze(1)
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+    return order_kept_by_score(torch.nonzero(keep_mask).squeeze(1), scores)
+
+
+def order_kept_by_score(keep: Tensor, scores: Tensor) -> Tensor:
+    """torchvision's last step of per-class batched_nms: kept indices (ascending) by decreasing score.
+
+    Its sort is torch's default, unstable one (for more than 16 elements on CPU tied scores do not keep
+    index order), so the same call on the same input is what reproduces its order of ties.
+    """
+    return keep[scores[keep].sort(descending=True)[1]]
 
 
 def _batched_nms_coordinate_trick(boxes: Tensor, scores: Tensor, idxs: Tensor,
@@ -516,7 +524,9 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
     highest-scoring valid boxes enter NMS (all when None); the regime and the coordinate
     offset still come from all valid boxes, as if NMS had seen them. Greedy NMS decides a box
     from higher-scoring boxes only, so the first max_out kept are exact whenever max_out boxes
-    survive among those candidates; `complete` is False when that is not guaranteed.
+    survive among those candidates; `complete` is False when that is not guaranteed. (In the
+    per-class regime torchvision orders exactly tied scores with an unstable sort of all kept
+    boxes; with fewer candidates than valid boxes, ties may come out in another order.)
     """
     if boxes.dim() == 3:
         idxs = idxs.expand(scores.shape)
@@ -532,8 +542,10 @@ def batched_nms_fixed(boxes: Tensor, scores: Tensor, idxs: Tensor, valid: Tensor
     nv = vidx.numel()
     if nv == 0 or max_out == 0:
         return out, torch.zeros((), dtype=torch.long, device=dev), torch.ones((), dtype=torch.bool, device=dev)
-    order = vidx[torch.sort(scores[vidx], descending=True, stable=True).indices]
-    cand = order if capacity is None else order[:capacity]
+    if capacity is None or capacity >= nv:
+        cand = vidx
+    else:  # the best `capacity`, back in index order: torchvision's sorts see them as batched_nms would
+        cand = vidx[torch.sort(scores[vidx], descending=True, stable=True).indices[:capacity]].sort().values
     b, s, c = boxes[cand], scores[cand], idxs[cand]
     if nv * 4 > vanilla_batched_nms_limit(dev):
         keep = _batched_nms_vanilla(b, s, c, iou_threshold)

@@ -13,7 +13,9 @@ C++ extension is not needed for these models), e.g. the sdist of `detectron2-cdo
 Needs Detectron2's pure-Python dependencies (fvcore, iopath, yacs, omegaconf, termcolor, tabulate, cloudpickle,
 pycocotools). Where torchvision does not import (its wheel fails with the CPU torch of the build machines), its
 roi_align and nms are stood in by zoo's PyTorch reference ops: the check then covers everything Detectron2 does
-around those ops, not the ops themselves (tests/test_ops_* and the GPU tests cover those). Detectron2 < 0.6 ranks
+around those ops, not the ops themselves (tests/test_ops_* and the GPU tests cover those). The real torchvision
+runs on CPU in a venv with PyPI's CUDA build of torch, e.g. `pip install torch==2.13.0 torchvision==0.28.0`
+with the local wheel directory switched off (PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=). Detectron2 < 0.6 ranks
 RPN candidates with sort, current Detectron2 with topk: exactly tied logits may then be kept in another order.
 """
 from __future__ import annotations
@@ -63,22 +65,25 @@ def _stand_in_torchvision() -> None:
     sys.modules.update({"torchvision": tv, "torchvision.ops": tv_ops, "torchvision.ops.boxes": boxes})
 
 
-def _import_detectron2(src: Path) -> None:
+def _import_detectron2(src: Path) -> str:
+    """Put Detectron2's source on the path; returns which torchvision ops it will call."""
     sys.path.insert(0, str(src))
     try:
         import torchvision
 
         torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # the CPU machines' wheel fails here
+        used = f"torchvision {torchvision.__version__}"
     except Exception:
         for k in [k for k in sys.modules if k.startswith("torchvision")]:
             del sys.modules[k]
         _stand_in_torchvision()
-        print("torchvision unavailable: its roi_align/nms are zoo's reference ops here", file=sys.stderr)
+        used = "zoo's reference ops standing in for torchvision"
     sys.modules.setdefault("detectron2._C", types.ModuleType("detectron2._C"))  # rotated/deformable ops only
     from PIL import Image
 
     if not hasattr(Image, "LINEAR"):  # Detectron2 0.5 names a constant Pillow 10 removed
         Image.LINEAR = Image.BILINEAR
+    return used
 
 
 def _weights(name: str, seed: int) -> dict:
@@ -186,7 +191,7 @@ def main() -> int:
                     help="all images as one padded batch (Detectron2's batched inference; zoo's predict(exact=False))")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    _import_detectron2(a.detectron2)
+    ops_used = _import_detectron2(a.detectron2)
     import zoo
     from zoo.modeling import build_model, load_weights
 
@@ -196,7 +201,7 @@ def main() -> int:
     cols = ["seed", "image", "ok", "sizes", "n", "proposals equal", "matched", "max box diff", "masks < 0.97"]
     print(f"{a.name}: Detectron2 from {a.detectron2} vs zoo ({a.path} path, "
           f"{'fast' if a.fast_convs else 'exact'} convs), {a.threads} threads"
-          f"{', one batch' if a.batched else ''}\n")
+          f"{', one batch' if a.batched else ''}; Detectron2 calls {ops_used}\n")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     failures = 0
     for seed in a.seeds:

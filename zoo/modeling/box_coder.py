@@ -1,4 +1,5 @@
-"""Box2BoxTransform decoding and the Boxes helpers (clip, nonempty, area) Detectron2 uses at test time."""
+"""Box2BoxTransform decoding, the Boxes helpers (clip, nonempty, area) Detectron2 uses at test time, and
+the row gather of the fixed-shape path."""
 from __future__ import annotations
 
 import math
@@ -64,3 +65,11 @@ def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:
 def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Mask of boxes (last dim 4) whose width and height are both strictly greater than threshold."""
     return ((boxes[..., 2] - boxes[..., 0]) > threshold) & ((boxes[..., 3] - boxes[..., 1]) > threshold)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[g, idx[g]] along dim 1 where idx >= 0, zeros where idx is -1 (padding): x [G, n, ...], idx [G, k]."""
+    flat = idx.clamp(min=0).view(*idx.shape, *([1] * (x.dim() - 2)))
+    rows = x.gather(1, flat.expand(*idx.shape, *x.shape[2:]))
+    ok = (idx >= 0).view(*idx.shape, *([1] * (x.dim() - 2)))
+    return torch.where(ok, rows, 0)

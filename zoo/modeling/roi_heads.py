@@ -10,7 +10,7 @@ from torch import nn
 from ..manifest import Architecture, PoolerSpec
 from ..ops.reference import boxes_to_rois
 from .backbone import make_stage, res5_stage_args
-from .box_coder import Box2BoxTransform, clip_boxes
+from .box_coder import Box2BoxTransform, clip_boxes, gather_rows
 from .heads import FastRCNNConvFCHead, FastRCNNOutputLayers, MaskRCNNConvUpsampleHead, mask_probs
 
 
@@ -100,7 +100,6 @@ def fast_rcnn_inference_fixed(boxes: torch.Tensor, scores: torch.Tensor, proposa
     NMS runs on each image's `capacity` best of them. Detections come zero padded to [N, topk].
     """
     from .. import ops
-    from .rpn import gather_rows
 
     n, r = scores.shape[:2]
     row_ok = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores).all(dim=-1) & proposal_valid

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..manifest import RPNSpec
 from .anchors import AnchorGenerator
-from .box_coder import Box2BoxTransform, clip_boxes, nonempty
+from .box_coder import Box2BoxTransform, clip_boxes, gather_rows, nonempty
 
 
 @dataclass
@@ -150,14 +150,6 @@ class RPN(nn.Module):
         keep, counts, complete = ops.batched_nms_fixed(boxes, scores, levels, valid, self.nms_thresh,
                                                        self.post_nms_topk)
         return ProposalBatch(gather_rows(boxes, keep), gather_rows(scores, keep), counts, complete)
-
-
-def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x[g, idx[g]] along dim 1 where idx >= 0, zeros where idx is -1 (padding): x [G, n, ...], idx [G, k]."""
-    flat = idx.clamp(min=0).view(*idx.shape, *([1] * (x.dim() - 2)))
-    rows = x.gather(1, flat.expand(*idx.shape, *x.shape[2:]))
-    ok = (idx >= 0).view(*idx.shape, *([1] * (x.dim() - 2)))
-    return torch.where(ok, rows, 0)
 
 
 def _nms_topk(boxes: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor, thresh: float, k: int,

@@ -114,3 +114,8 @@ def test_wheel_ships_manifests(tmp_path):
     where = subprocess.run([str(py), "-c", "import zoo, zoo.registry as r; print(zoo.__file__); print(r._builtin_dir())"],
                            capture_output=True, text=True, env=env, cwd=out).stdout.split()
     assert where[0].startswith(str(venv)) and where[1].endswith("_manifests"), where
+
+
+def test_bench_amp_and_precision_are_alternatives():
+    r = zoo_cmd("bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--amp", "--precision", "fp32")
+    assert r.returncode == 2 and "not allowed with" in r.stderr, r.stderr

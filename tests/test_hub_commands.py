@@ -71,7 +71,7 @@ def test_download_verify_pin_flow(cli, capsys):
 
 
 def test_unknown_name_and_missing_names(cli, capsys):
-    assert cli("download", "gamma") == 2
+    assert cli("download", "gamma") == 1
     assert "no model named 'gamma'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli("pin")  # argparse: NAME is required

@@ -200,19 +200,28 @@ def test_md5_prefix_parsing():
     assert download.md5_prefix("X-101-32x8d.pkl") is None
 
 
-def test_tofu_pin_then_corruption_is_detected(server, hub_env):
+def test_tofu_pin_then_corruption_is_detected_and_replaced(server, hub_env, capfd, monkeypatch):
     data, path, url = serve(server)
     got = fetch(url)
     assert cache.read_pins() == {path.strip("/"): sha(data)}
     with open(got, "r+b") as f:  # same size, one byte flipped
         f.seek(SIZE // 2)
         f.write(bytes([data[SIZE // 2] ^ 0xFF]))
-    with pytest.raises(IntegrityError) as ei:
-        fetch(url)
-    assert sha(data) in str(ei.value) and "pinned locally" in str(ei.value)
-    assert not got.exists() and Path(str(got) + ".corrupt").exists()
-    # Running again downloads a fresh copy, checked against the pin.
+    damaged = got.read_bytes()
+    capfd.readouterr()
+    # The damaged copy is set aside (kept, as evidence) and a fresh one downloaded, checked against the pin.
     assert fetch(url).read_bytes() == data
+    assert Path(str(got) + ".corrupt").read_bytes() == damaged
+    assert len(server.requests(path)) == 2
+    err = capfd.readouterr().err
+    assert "pinned locally" in err and sha(data) in err and "downloading a fresh copy" in err
+    # Offline, the same damage is an error that says how to recover, and nothing is fetched.
+    with open(got, "r+b") as f:
+        f.write(b"\0" * 16)
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    with pytest.raises(IntegrityError, match="unset ZOO_OFFLINE") as ei:
+        fetch(url)
+    assert "\n" not in str(ei.value) and not got.exists()
     assert len(server.requests(path)) == 2
 
 
@@ -243,9 +252,8 @@ def test_unchanged_cached_file_is_not_rehashed(server, hub_env, monkeypatch):
     time.sleep(0.05)
     with open(got, "r+b") as f:
         f.write(b"\0" * 16)  # same size, new content
-    with pytest.raises(IntegrityError):
-        fetch(url)
-    assert len(calls) == 1
+    assert fetch(url).read_bytes() == data  # noticed: set aside and fetched again
+    assert calls and calls[0][0] == got and len(server.requests(path)) == 2
 
 
 def test_freshly_written_file_is_always_rehashed(server, hub_env, monkeypatch):
@@ -254,8 +262,8 @@ def test_freshly_written_file_is_always_rehashed(server, hub_env, monkeypatch):
     fetch(url)
     with open(got, "r+b") as f:  # within the racy window: the record must not be trusted
         f.write(b"\0" * 16)
-    with pytest.raises(IntegrityError):
-        fetch(url)
+    assert fetch(url).read_bytes() == data
+    assert Path(str(got) + ".corrupt").exists() and len(server.requests(path)) == 2
 
 
 def test_offline_uses_cache_and_never_the_network(server, hub_env, monkeypatch):

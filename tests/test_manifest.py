@@ -185,3 +185,9 @@ def test_manifests_are_frozen():
         m.name = "x"
     assert m.checkpoint.md5_prefix == "f10217"
     assert m.checkpoint.sha256 is None  # never invented
+
+
+@pytest.mark.parametrize("bad", [None, 123, ["mask_rcnn_R_50_FPN_3x"]])
+def test_a_name_that_is_not_a_string_is_a_zoo_error(bad):
+    with pytest.raises(UnknownModelError, match="a model name is a string"):
+        zoo.get(bad)

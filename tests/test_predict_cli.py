@@ -56,7 +56,7 @@ def test_predict_folder_writes_pictures_and_coco_results(tmp_path, small_env):
         assert a.shape == b.shape and (np.abs(a - b).sum(axis=2) > 0).any()
     results = json.loads((out / "results.json").read_text())
     assert results, r.stdout
-    mask_util = pytest.importorskip("pycocotools.mask")
+    from pycocotools import mask as mask_util
     sizes = {1: (600, 512), 2: (300, 1400)}  # ids follow the sorted folder listing
     assert {x["image_id"] for x in results} <= set(sizes)
     for x in results:
@@ -87,6 +87,37 @@ def test_out_must_be_a_folder(tmp_path):
     (tmp_path / "taken").write_text("a file")
     r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path / "taken"))
     assert_one_line_error(r, "--out", "is a file")
+
+
+def test_out_that_cannot_be_created_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "file").write_text("a file")
+    # offline with an empty cache: had the model been loaded first, the error would be about the weights
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"),
+                "--out", str(tmp_path / "file" / "sub"),
+                env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "empty_cache")})
+    assert_one_line_error(r, "--out", "writable")
+
+
+def test_eval_out_that_cannot_be_created_fails_before_evaluating(tmp_path):
+    (tmp_path / "file").write_text("a file")
+    r = zoo_cmd("eval", "faster_rcnn_R_50_FPN_1x", "--annotations", str(tmp_path / "missing.json"),
+                "--images", str(tmp_path), "--out", str(tmp_path / "file" / "results.json"))
+    assert_one_line_error(r, "--out", "writable")  # not the missing annotations: --out is checked first
+
+
+def test_bad_download_settings_are_one_line_errors(tmp_path):
+    for env, needle in [({"ZOO_OFFLINE": "maybe"}, "ZOO_OFFLINE"), ({"ZOO_TIMEOUT": "-5"}, "ZOO_TIMEOUT"),
+                        ({"ZOO_RETRIES": "1.5"}, "ZOO_RETRIES")]:
+        env = dict(env, ZOO_HOME=str(tmp_path / "cache"), ZOO_MIRROR="http://127.0.0.1:9/")  # port 9: nobody
+        r = zoo_cmd("download", "faster_rcnn_R_50_FPN_1x", env=env)
+        assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_zoo_home_that_is_a_file(tmp_path):
+    (tmp_path / "home").write_text("a file")
+    r = zoo_cmd("download", "faster_rcnn_R_50_FPN_1x", env={"ZOO_HOME": str(tmp_path / "home"),
+                                                            "ZOO_MIRROR": str(tmp_path / "mirror")})
+    assert r.returncode == 1 and "ZOO_HOME" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_offline_with_nothing_cached_says_how_to_fix(tmp_path):

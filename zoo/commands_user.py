@@ -62,6 +62,14 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+def _make_dir(path: Path, option: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the folder {path} for {option}: {e.strerror or e}; "
+                         f"pass {option} in a writable place") from None
+
+
 def _describe(det: Any) -> str:
     if len(det) == 0:
         return "no instances"
@@ -89,8 +97,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {args.out!r} is a file; pass a folder for the pictures and results.json")
+    _make_dir(out_dir, "--out")  # before the slow part
     model = load_model(args.name, args.weights, args.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     records: list[dict] = []
     names = _output_names(paths)
@@ -116,12 +124,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require_pycocotools()
     manifest = get_manifest(args.name)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise InputError(f"--out {args.out!r} is a folder; pass a file name for the results JSON")
+    _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
     coco = load_annotations(args.annotations)  # a bad file fails before the model loads
     model = load_model(args.name, args.weights, args.device)
     result = evaluate(model, coco, args.images, limit=args.limit)
-    out = Path(args.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.results), encoding="utf-8")
+    try:
+        out.write_text(json.dumps(result.results), encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror or e}; pass --out in a writable place") from None
     n = len(result.image_ids)
     print(f"{manifest.name} on {n} image{'s' if n != 1 else ''} of {args.annotations}\n")
     print(format_report(result, manifest))
@@ -229,7 +242,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("name", help="model name, e.g. mask_rcnn_R_50_FPN_3x")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances scoring at least this")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances scoring at least this (default 0.5)")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     p.set_defaults(func=cmd_predict)
@@ -250,9 +263,9 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--iters", type=int, help="timed iterations (default: 3 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 5 on CUDA)")
-    p.add_argument("--amp", action="store_true", help="reduced precision: fp16 on CUDA, bf16 on CPU")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="network precision (default fp32; with --amp fp16 on CUDA, bf16 on CPU)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--amp", action="store_true", help="reduced precision: fp16 on CUDA, bf16 on CPU")
+    prec.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="network precision (default fp32)")
     p.add_argument("--image", help="image to time on (default: a bundled 512x600 photo)")
     p.add_argument("--path", choices=("auto", "static", "dynamic"), default="auto",
                    help="inference path: fixed-shape (no host sync) or dynamic; auto: fixed-shape on CUDA")

@@ -1,4 +1,4 @@
-"""COCO evaluation of a model on a COCO-format dataset (pycocotools, the `coco` extra)."""
+"""COCO evaluation of a model on a COCO-format dataset (pycocotools)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +21,7 @@ def require_pycocotools() -> tuple[Any, Any]:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError:
-        raise ZooError("COCO evaluation needs pycocotools; install it with: pip install 'detzoo[coco]'") from None
+        raise ZooError("COCO evaluation needs pycocotools; reinstall it with: pip install pycocotools") from None
     return COCO, COCOeval
 
 

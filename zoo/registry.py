@@ -103,6 +103,9 @@ def _key(name: str) -> str:
 
 def get_manifest(name: str) -> Manifest:
     """The manifest of a baseline, by name or Detectron2 config path."""
+    if not isinstance(name, str):
+        raise UnknownModelError(f"a model name is a string such as 'mask_rcnn_R_50_FPN_3x', got {name!r}; "
+                                "run `zoo list` to see all names")
     table = _all()
     m = table.get(_key(name))
     if m is not None and ("/" not in name or m.config == name or m.config == name + ".yaml"):

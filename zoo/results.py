@@ -84,7 +84,7 @@ def _encode_masks(masks: torch.Tensor) -> list[dict]:
     except ImportError:  # pragma: no cover - depends on the environment
         from .errors import ZooError
 
-        raise ZooError("mask export needs pycocotools: pip install 'detzoo[coco]'") from None
+        raise ZooError("mask export needs pycocotools; reinstall it with: pip install pycocotools") from None
     if masks.shape[0] == 0:
         return []
     arr = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))

@@ -36,7 +36,7 @@ def cmd_download(args: argparse.Namespace, resolve: Resolver) -> int:
     """Fetch each named checkpoint into the cache and print its path."""
     items = _resolve(resolve, args.names, args.all)
     if items is None:
-        return 2
+        return 1
     failed = 0
     for name, url, sha in items:
         try:
@@ -54,7 +54,7 @@ def cmd_verify(args: argparse.Namespace, resolve: Resolver) -> int:
     named = bool(args.names)
     items = _resolve(resolve, args.names, not named)
     if items is None:
-        return 2
+        return 1
     corrupt = shown = 0
     for name, url, sha in items:
         try:
@@ -106,7 +106,7 @@ def cmd_cache(args: argparse.Namespace, resolve: Resolver) -> int:
     if args.cache_command == "rm":
         items = _resolve(resolve, args.names, False)
         if items is None:
-            return 2
+            return 1
         status = 0
         for name, url, _ in items:
             try:
@@ -128,7 +128,7 @@ def cmd_pin(args: argparse.Namespace, resolve: Resolver) -> int:
     """Record the sha256 of each named cached checkpoint as its local pin."""
     items = _resolve(resolve, args.names, False)
     if items is None:
-        return 2
+        return 1
     failed = 0
     for name, url, _ in items:
         try:

@@ -31,17 +31,26 @@ Status = Literal["ok", "corrupt", "unpinned", "missing"]
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ZooError(f"{name}={raw!r} is neither on nor off; set it to 1 or 0, or unset it")
 
 
-def _env_number(name: str, default: float) -> float:
+def _env_number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ZooError(f"{name}={raw!r} is not a number; fix or unset it") from None
+    if not value >= minimum or (integer and value != int(value)) or value == float("inf"):
+        kind = "a whole number" if integer else "a number"
+        raise ZooError(f"{name}={raw!r} must be {kind} of at least {minimum:g}; fix or unset it")
+    return value
 
 
 def _is_quiet(quiet: Optional[bool]) -> bool:
@@ -249,7 +258,7 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
     headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    read_timeout = _env_number("ZOO_TIMEOUT", 60.0)
+    read_timeout = _env_number("ZOO_TIMEOUT", 60.0, minimum=0.001)
     try:
         r = session.get(src, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, read_timeout))
     except requests.exceptions.SSLError as e:  # a bad certificate does not heal by retrying
@@ -310,7 +319,7 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
 
 
 def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirrored: bool) -> int:
-    retries = int(_env_number("ZOO_RETRIES", 5))
+    retries = int(_env_number("ZOO_RETRIES", 5, integer=True))
     base_delay = _env_number("ZOO_RETRY_BASE_DELAY", 1.0)
     failures = attempts = 0
     with requests.Session() as session:
@@ -333,10 +342,11 @@ def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirro
 
 
 def _check_cached(final: Path, url: str, sha256: Optional[str]) -> Optional[Path]:
-    """The cached file if it verifies, None if absent; raises IntegrityError (after quarantine) if not."""
+    """The cached file if it verifies, None if absent; raises IntegrityError (after quarantine) if not.
+    The message ends with what was done to the file; callers add what happens next."""
     try:
         st = final.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: ZOO_HOME or a folder in it is a file
         return None
     rel = cache.relpath_for_url(url)
     expected = sha256 or cache.get_pin(rel)
@@ -352,14 +362,12 @@ def _check_cached(final: Path, url: str, sha256: Optional[str]) -> Optional[Path
         q = _quarantine(final, final)
         origin = "given by the manifest" if sha256 else "pinned locally"
         raise IntegrityError(
-            f"cached {final.name} is corrupt: sha256 {actual}, expected {expected} ({origin}); "
-            f"{q}; run again to download a fresh copy"
+            f"cached {final.name} is corrupt: sha256 {actual}, expected {expected} ({origin}); {q}"
         )
     if prefix and not md5.startswith(prefix):
         q = _quarantine(final, final)
         raise IntegrityError(
-            f"cached {final.name} is corrupt: md5 {md5} does not start with {prefix} as its name says; "
-            f"{q}; run again to download a fresh copy"
+            f"cached {final.name} is corrupt: md5 {md5} does not start with {prefix} as its name says; {q}"
         )
     if not expected:
         _pin_quietly(rel, actual)  # trust on first use
@@ -448,16 +456,24 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
     """Return the verified cached file for `url`, downloading it first if needed."""
     final = cache.cache_path(url)
     sha256 = _norm_sha(sha256)
-    hit = _check_cached(final, url, sha256)
+    kind, location, mirrored = _source(url)
+    offline = kind == "http" and _env_flag("ZOO_OFFLINE")
+    quiet_ = _is_quiet(quiet)
+    try:
+        hit = _check_cached(final, url, sha256)
+    except IntegrityError as e:  # the bad copy is out of the way now: fetch a fresh one, unless offline
+        if offline:
+            raise IntegrityError(f"{e}; unset ZOO_OFFLINE to download a fresh copy") from None
+        print(f"zoo: {e}; downloading a fresh copy", file=sys.stderr)
+        hit = None
     if hit is not None:
         return hit
-    kind, location, mirrored = _source(url)
-    if kind == "http" and _env_flag("ZOO_OFFLINE"):
+    if offline:
         raise DownloadError(
             f"ZOO_OFFLINE=1 and {url} is not cached; unset ZOO_OFFLINE, or set ZOO_MIRROR to a local directory "
-            f"holding the detectron2/ files, or copy the file to {final}"
+            f"holding the files under detectron2/ (the folder that contains COCO-Detection/ ...), or copy the "
+            f"file to {final}"
         )
-    quiet_ = _is_quiet(quiet)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -470,7 +486,10 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
 
     with cache.file_lock(Path(str(final) + cache.LOCK), on_wait=waiting):
         for _ in range(3):  # more than one round only if locks do not work and processes race
-            hit = _check_cached(final, url, sha256)
+            try:
+                hit = _check_cached(final, url, sha256)
+            except IntegrityError as e:  # damaged while we waited for the lock
+                raise IntegrityError(f"{e}; run again to download a fresh copy") from None
             if hit is not None:
                 return hit
             progress = _Progress(quiet_, final.name)
@@ -483,7 +502,10 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
                 progress.close()
             if _publish(partial, final, url, sha256, total, mirrored):
                 return final
-        hit = _check_cached(final, url, sha256)
+        try:
+            hit = _check_cached(final, url, sha256)
+        except IntegrityError as e:
+            raise IntegrityError(f"{e}; run again to download a fresh copy") from None
         if hit is not None:
             return hit
     raise DownloadError(

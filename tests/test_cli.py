@@ -119,3 +119,10 @@ def test_wheel_ships_manifests(tmp_path):
 def test_bench_amp_and_precision_are_alternatives():
     r = zoo_cmd("bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--amp", "--precision", "fp32")
     assert r.returncode == 2 and "not allowed with" in r.stderr, r.stderr
+
+
+def test_version_and_all_with_names():
+    r = zoo_cmd("--version")
+    assert r.returncode == 0 and r.stdout.startswith("zoo (detzoo) ")
+    r = zoo_cmd("download", "--all", "faster_rcnn_R_50_FPN_1x")
+    assert r.returncode == 1 and "not both" in r.stderr, r.stderr

@@ -100,6 +100,9 @@ def test_bad_inputs_say_what_to_do(tmp_path):
     (tmp_path / "bad.json").write_text("{\"images\": []}")
     with pytest.raises(InputError, match="not COCO instances JSON"):
         load_annotations(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [], "categories": []}))
+    with pytest.raises(InputError, match="no annotations"):
+        load_annotations(tmp_path / "empty.json")
     with pytest.raises(InputError, match="--images"):
         evaluate(RecordedModel(), ann, tmp_path / "elsewhere", quiet=True)
 

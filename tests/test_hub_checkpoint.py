@@ -209,6 +209,24 @@ def test_pth_with_code_is_refused(tmp_path):
     assert not target.exists()
 
 
+def test_whole_pickled_model_says_to_save_the_state_dict(tmp_path):
+    p = tmp_path / "model.pth"
+    torch.save(torch.nn.Linear(2, 2), p)
+    with pytest.raises(CheckpointError, match=r"torch.save\(model.state_dict\(\), path\)") as ei:
+        load_checkpoint(p)
+    assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value)
+
+
+def test_damage_advice_depends_on_where_the_file_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "cache"))
+    for where, advice in [(tmp_path / "mine.pkl", "check that it is"),
+                          (tmp_path / "cache" / "detectron2" / "x" / "model_final_abcdef.pkl", "zoo download")]:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes(b"garbage, not a pickle")
+        with pytest.raises(CheckpointError, match=advice):
+            load_checkpoint(where)
+
+
 def test_truncated_pth(tmp_path):
     p = tmp_path / "cut.pth"
     torch.save({"w": torch.ones(1000)}, p)

@@ -1,6 +1,7 @@
 """Manifests: every number equals the seed table; bad data fails with file and field named."""
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -149,6 +150,16 @@ def test_duplicate_name_is_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_MANIFEST_PATH", str(tmp_path))
     with pytest.raises(ManifestError, match="duplicate name 'faster_rcnn_R_50_FPN_3x'"):
         zoo.list_models()
+
+
+def test_a_folder_listed_twice_is_read_once(tmp_path, monkeypatch):
+    (tmp_path / "my_model.json").write_text(json.dumps(renamed(good_record(), "my_model")))
+    monkeypatch.setenv("ZOO_MANIFEST_PATH", os.pathsep.join([str(tmp_path), str(tmp_path) + "/"]))
+    assert "my_model" in zoo.list_models()
+
+
+def test_pattern_ignores_case():
+    assert zoo.list_models(pattern="*fpn*") == zoo.list_models(pattern="*FPN*") != []
 
 
 def test_unreadable_manifest_and_missing_dir(tmp_path, monkeypatch):

@@ -114,3 +114,12 @@ def test_real_picture_with_fixture_detections(tmp_path):
     for x1, y1, x2, y2 in np.array(inst["boxes"])[keep]:
         allowed[max(int(y1) - 30, 0): int(y2) + 3, max(int(x1) - 3, 0): int(x2) + 120] = True
     assert diff.any() and not (diff & ~allowed).any()
+
+
+def test_detections_repr_is_a_summary():
+    d = _dets([[0, 0, 10, 10]] * 7, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], [0, 2, 0, 0, 0, 0, 0],
+              masks=torch.zeros(7, 240, 320, dtype=torch.bool))
+    r = repr(d)
+    assert "\n" not in r and len(r) < 300
+    assert "7 instances" in r and "person 0.90" in r and "car 0.80" in r and "(2 more)" in r and "(7, 240, 320)" in r
+    assert "0 instances" in repr(_dets(torch.zeros(0, 4).tolist(), [], []))

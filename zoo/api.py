@@ -66,6 +66,8 @@ def get(
     model.manifest = manifest
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise InputError(f"weights path {path} is a folder; pass the .pkl or .pth checkpoint file in it")
         if not path.is_file():
             raise InputError(f"weights file {path} does not exist; pass the path of a .pkl or .pth checkpoint")
         load_weights(model, load_checkpoint(path))

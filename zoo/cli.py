@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import registry
+from . import __version__, registry
 from .errors import ZooError
 from .manifest import Manifest
 
@@ -112,6 +112,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def resolve(names: Sequence[str], all_models: bool) -> list[tuple[str, str, Optional[str]]]:
     """(name, checkpoint url, sha256) for the named models, or every model."""
+    if all_models and names:
+        raise ZooError("pass model names or --all, not both")
     if all_models:
         names = registry.list_models()
     elif not names:
@@ -126,11 +128,12 @@ def resolve(names: Sequence[str], all_models: bool) -> list[tuple[str, str, Opti
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every `zoo` subcommand."""
     p = argparse.ArgumentParser(prog="zoo", description="Detectron2 COCO baselines: manifests, weights, models.")
+    p.add_argument("--version", action="version", version=f"zoo (detzoo) {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("list", help="list the baselines")
     ls.add_argument("--task", choices=["detection", "instance_segmentation"])
-    ls.add_argument("--pattern", help="glob on the name, e.g. '*FPN*'")
+    ls.add_argument("--pattern", help="glob on the name, any case, e.g. '*fpn*'")
     ls.add_argument("--sort", choices=SORT_FIELDS, default="name")
     ls.add_argument("--format", choices=["table", "json", "csv", "markdown"], default="table")
     ls.set_defaults(func=cmd_list)

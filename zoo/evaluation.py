@@ -37,6 +37,8 @@ def load_annotations(path: Union[str, os.PathLike]) -> Any:
         raise InputError(f"cannot read annotation file {str(p)!r} ({e}); pass a COCO instances JSON file") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
         raise InputError(f"{str(p)!r} is not COCO instances JSON (needs 'images', 'annotations' and 'categories')")
+    if not data["annotations"]:  # COCOeval would report AP -100 (undefined) for every metric
+        raise InputError(f"{str(p)!r} has no annotations, so AP is undefined; pass a file with ground-truth boxes")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter

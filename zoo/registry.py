@@ -70,8 +70,13 @@ def _load_dir(directory: Path, into: dict[str, tuple[Manifest, str]]) -> None:
 def _load_files(extra_path: str) -> dict[str, tuple[Manifest, str]]:
     found: dict[str, tuple[Manifest, str]] = {}
     _load_dir(_builtin_dir(), found)
+    seen = set()
     for part in filter(None, extra_path.split(os.pathsep)):
-        _load_dir(Path(part).expanduser(), found)
+        directory = Path(part).expanduser()
+        key = os.path.realpath(directory)
+        if key not in seen:  # a folder listed twice is one folder, not a clash of its manifests with themselves
+            seen.add(key)
+            _load_dir(directory, found)
     return found
 
 
@@ -116,14 +121,14 @@ def get_manifest(name: str) -> Manifest:
 
 
 def list_models(task: Optional[str] = None, pattern: Optional[str] = None) -> list[str]:
-    """Names of registered baselines, optionally filtered by task and a glob pattern."""
+    """Names of registered baselines, optionally filtered by task and a glob pattern (case-insensitive)."""
     if task is not None and task not in ("detection", "instance_segmentation"):
         raise ManifestError(f"unknown task {task!r}; use 'detection' or 'instance_segmentation'")
     out = []
     for name, m in sorted(_all().items()):
         if task is not None and m.task != task:
             continue
-        if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
+        if pattern is not None and not fnmatch.fnmatchcase(name.lower(), pattern.lower()):
             continue
         out.append(name)
     return out

@@ -42,6 +42,14 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def __repr__(self) -> str:
+        # the dataclass repr would print every tensor (megabytes for 100 masks)
+        top = ", ".join(f"{c} {s:.2f}" for c, s in zip(self.class_names[:5], self.scores[:5].tolist()))
+        more = f", ... ({len(self) - 5} more)" if len(self) > 5 else ""
+        masks = "" if self.masks is None else f", masks {tuple(self.masks.shape)}"
+        return (f"Detections({len(self)} instances in a {self.image_size[0]}x{self.image_size[1]} image"
+                f"{masks}, device {self.boxes.device}: {top or 'none'}{more})")
+
     @property
     def class_names(self) -> list[str]:
         """COCO class name of each instance."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -96,11 +97,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise CheckpointError(f"{self._path} uses pickle persistent ids; it is not a Detectron2 .pkl checkpoint")
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's text without terminal colour codes (torch.load adds some)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _in_cache(path: Path) -> bool:
+    from . import cache
+
+    try:
+        return path.resolve().is_relative_to(cache.cache_root().resolve())
+    except OSError:
+        return False
+
+
 def _unreadable(path: Path, e: BaseException) -> CheckpointError:
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    advice = ("run `zoo download NAME` to replace it" if _in_cache(path) else
+              "check that it is a Detectron2 .pkl or a PyTorch state_dict (.pth) file and complete")
     return CheckpointError(
-        f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__}: {detail}); "
-        f"delete it and download it again"
+        f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__}: {_first_line(e)}); "
+        f"{advice}"
     )
 
 
@@ -121,10 +138,10 @@ def _load_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            first = str(e).strip().splitlines()[0]
             raise CheckpointError(
-                f"refusing to load {path}: it holds objects that weights-only loading does not allow ({first}); "
-                f"use a checkpoint from a trusted source"
+                f"refusing to load {path}: it holds objects that weights-only loading does not allow "
+                f"({_first_line(e)}); if it is a whole pickled model, save its weights instead with "
+                f"torch.save(model.state_dict(), path)"
             ) from None
         raise _unreadable(path, e) from None
     except Exception as e:

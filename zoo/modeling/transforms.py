@@ -31,9 +31,10 @@ def to_rgb_array(image: Any) -> np.ndarray:
     """A path, PIL image (any mode) or HxWx3 uint8 RGB array -> contiguous HxWx3 uint8 RGB array."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise InputError(f"{str(path)!r} is a folder, not an image file; pass the path of an image")
         if not path.is_file():
-            raise InputError(f"image file {str(path)!r} does not exist; pass an existing image path, "
-                             "a PIL.Image or an HxWx3 uint8 RGB array")
+            raise InputError(f"image file {str(path)!r} does not exist; check the path")
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)  # Detectron2's read_image honours EXIF orientation
@@ -42,8 +43,9 @@ def to_rgb_array(image: Any) -> np.ndarray:
             raise InputError(f"{str(path)!r} is larger than PIL.Image.MAX_IMAGE_PIXELS allows; downscale it, "
                              "or raise that limit if you trust the file") from None
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot read {str(path)!r} as an image ({type(e).__name__}); "
-                             "pass a PNG/JPEG file, a PIL.Image or an HxWx3 uint8 RGB array") from None
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise InputError(f"cannot read {str(path)!r} as an image ({type(e).__name__}"
+                             f"{': ' + detail if detail else ''}); pass a complete PNG/JPEG/BMP/WebP file") from None
     if isinstance(image, Image.Image):
         return _pil_rgb(image)
     if isinstance(image, np.ndarray):

@@ -57,24 +57,24 @@ def triton_available() -> bool:
 
 def resolve_backend(backend: Optional[str], tensor: Tensor) -> str:
     """Pick "torch" or "triton" for an op on `tensor` (argument > ZOO_OPS > device)."""
+    undo = "use backend='torch'"  # how to take back an unusable choice, where it was made
     if backend is None:
         env = os.environ.get("ZOO_OPS", "").strip().lower()
         if env:
             if env not in _BACKENDS:
                 raise ZooError(f"ZOO_OPS={env!r} is not a known backend; "
                                f"set it to one of {_BACKENDS} or unset it")
-            backend = env
+            backend, undo = env, "unset ZOO_OPS"
         else:
             backend = "triton" if tensor.is_cuda and triton_available() else "torch"
     if backend not in _BACKENDS:
         raise ZooError(f"unknown ops backend {backend!r}; use one of {_BACKENDS}")
     if backend == "triton":
         if not triton_available():
-            raise ZooError("the triton backend needs the 'triton' package; install it "
-                           "or use backend='torch' (ZOO_OPS=torch)")
+            raise ZooError(f"the triton backend needs the 'triton' package; install it or {undo}")
         if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ZooError("the triton backend needs CUDA tensors; for CPU tensors set "
-                           "TRITON_INTERPRET=1 (slow, for testing) or use backend='torch'")
+                           f"TRITON_INTERPRET=1 (slow, for testing) or {undo}")
     return backend
 
 

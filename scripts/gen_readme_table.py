@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Rewrite the model table in README.md from the manifests (run after editing manifests/)."""
+import os
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.pop("ZOO_MANIFEST_PATH", None)  # the README lists the packaged baselines, never a user's own
 
 from zoo import registry  # noqa: E402
 from zoo.cli import _sorted_rows, render_markdown  # noqa: E402

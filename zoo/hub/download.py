@@ -456,24 +456,24 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
     """Return the verified cached file for `url`, downloading it first if needed."""
     final = cache.cache_path(url)
     sha256 = _norm_sha(sha256)
-    kind, location, mirrored = _source(url)
-    offline = kind == "http" and _env_flag("ZOO_OFFLINE")
-    quiet_ = _is_quiet(quiet)
+
     try:
         hit = _check_cached(final, url, sha256)
     except IntegrityError as e:  # the bad copy is out of the way now: fetch a fresh one, unless offline
-        if offline:
+        if _source(url)[0] == "http" and _env_flag("ZOO_OFFLINE"):
             raise IntegrityError(f"{e}; unset ZOO_OFFLINE to download a fresh copy") from None
         print(f"zoo: {e}; downloading a fresh copy", file=sys.stderr)
         hit = None
     if hit is not None:
         return hit
-    if offline:
+    kind, location, mirrored = _source(url)
+    if kind == "http" and _env_flag("ZOO_OFFLINE"):
         raise DownloadError(
             f"ZOO_OFFLINE=1 and {url} is not cached; unset ZOO_OFFLINE, or set ZOO_MIRROR to a local directory "
             f"holding the files under detectron2/ (the folder that contains COCO-Detection/ ...), or copy the "
             f"file to {final}"
         )
+    quiet_ = _is_quiet(quiet)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -484,12 +484,15 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
         if not quiet_:
             print(f"zoo: waiting for another process downloading {final.name}", file=sys.stderr)
 
+    def check_again() -> Optional[Path]:
+        try:
+            return _check_cached(final, url, sha256)
+        except IntegrityError as e:  # damaged while we waited for the lock
+            raise IntegrityError(f"{e}; run again to download a fresh copy") from None
+
     with cache.file_lock(Path(str(final) + cache.LOCK), on_wait=waiting):
         for _ in range(3):  # more than one round only if locks do not work and processes race
-            try:
-                hit = _check_cached(final, url, sha256)
-            except IntegrityError as e:  # damaged while we waited for the lock
-                raise IntegrityError(f"{e}; run again to download a fresh copy") from None
+            hit = check_again()
             if hit is not None:
                 return hit
             progress = _Progress(quiet_, final.name)
@@ -502,10 +505,7 @@ def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = Non
                 progress.close()
             if _publish(partial, final, url, sha256, total, mirrored):
                 return final
-        try:
-            hit = _check_cached(final, url, sha256)
-        except IntegrityError as e:
-            raise IntegrityError(f"{e}; run again to download a fresh copy") from None
+        hit = check_again()
         if hit is not None:
             return hit
     raise DownloadError(

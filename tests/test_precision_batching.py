@@ -62,8 +62,11 @@ def test_bf16_matches_fp32(model):
 
 def test_precision_validation(model):
     with pytest.raises(InputError, match="unknown precision"):
-        model.precision = "int8"
-        model.predict(_image("grace_hopper"))
+        model.precision = "int8"  # refused when set, not at the next predict
+    assert model.precision == "fp32"
+    for name, bad in [("static_shapes", "yes"), ("fast_convs", 1), ("cuda_graphs", "no")]:
+        with pytest.raises(InputError, match=name):
+            setattr(model, name, bad)
     model.precision = "fp16"
     with pytest.raises(InputError, match="needs a CUDA device"):
         model.predict(_image("grace_hopper"))

@@ -101,6 +101,16 @@ class GeneralizedRCNN(nn.Module):
         self._convs_laid_out_fast: Optional[bool] = None  # the fast_convs choice the weights are laid out for
         self.eval()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # the inference switches are plain attributes: catch a bad value here, not at the next predict
+        if name == "precision" and value not in PRECISIONS:
+            raise InputError(f"unknown precision {value!r}; use one of {', '.join(PRECISIONS)}")
+        if name in ("static_shapes", "fast_convs") and value is not None and not isinstance(value, bool):
+            raise InputError(f"{name} is True, False or None (automatic), not {value!r}")
+        if name == "cuda_graphs" and not isinstance(value, bool):
+            raise InputError(f"cuda_graphs is True or False, not {value!r}")
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse: bool = True):  # moved or cast: captured graphs point at the old tensors
         self._graph_cache = None
         self._convs_laid_out_fast = None  # a cast may also have changed the weights' memory format

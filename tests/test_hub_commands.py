@@ -99,6 +99,9 @@ def test_cache_subcommands(cli, hub_env, capsys):
     assert out.splitlines()[0].endswith("(alpha)") and out.splitlines()[1].endswith("(beta)")
     partial = cache_path(cli.models["alpha"][0]).with_suffix(".pkl.incomplete")
     partial.write_bytes(b"x")
+    assert cli("cache", "ls") == 0  # entries that are not the final file show their own name
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("partial")][0]
+    assert line.endswith(".pkl.incomplete  (alpha)")
     assert cli("cache", "prune") == 0
     assert str(partial) in capsys.readouterr().out and not partial.exists()
     assert cli("cache", "rm", "alpha") == 0

@@ -100,7 +100,8 @@ def cmd_cache(args: argparse.Namespace, resolve: Resolver) -> int:
             state = f.state
             if state == "complete":
                 state = "manifest" if manifest_sha else ("pinned" if f.pin else "unpinned")
-            print(f"{state:<11} {_human(f.size):>10}  {f.rel}" + (f"  ({name})" if name else ""))
+            where = f.rel if f.state == "complete" else cache._rel(f.path)  # the file's real name: .corrupt, ...
+            print(f"{state:<11} {_human(f.size):>10}  {where}" + (f"  ({name})" if name else ""))
         print(f"{len(files)} files, {_human(sum(f.size for f in files))} in {cache.cache_root()}")
         return 0
     if args.cache_command == "rm":

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import InputError, ZooError
+from .hub.cache import write_json_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BENCH_IMAGE = Path(__file__).resolve().parent / "assets" / "grace_hopper.jpg"
@@ -111,7 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             rec["file_name"] = path.name
             records.append(rec)
         bar.write(f"{path}: {_describe(det)}")
-    (out_dir / "results.json").write_text(json.dumps(records), encoding="utf-8")
+    write_json_atomic(out_dir / "results.json", records, indent=None)
     print(f"wrote {len(paths)} picture{'s' if len(paths) != 1 else ''} and results.json "
           f"({len(records)} instances) to {out_dir}")
     return 0
@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.name, args.weights, args.device)
     result = evaluate(model, coco, args.images, limit=args.limit)
     try:
-        out.write_text(json.dumps(result.results), encoding="utf-8")
+        write_json_atomic(out, result.results, indent=None)  # a crash never leaves half a file
     except OSError as e:
         raise InputError(f"cannot write {out}: {e.strerror or e}; pass --out in a writable place") from None
     n = len(result.image_ids)

@@ -8,7 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import unquote, urlsplit
 
 from filelock import FileLock, Timeout
@@ -118,12 +118,13 @@ def _load_json(path: Path, *, strict: bool) -> dict:
     return data
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: Any, *, indent: Optional[int] = 1) -> None:
+    """Write JSON through a temporary file and a rename: readers see the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            json.dump(data, f, indent=indent, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -141,7 +142,7 @@ def _update_json(name: str, change: Callable[[dict], None], *, strict: bool) -> 
     with file_lock(root / _META_LOCK):
         data = _load_json(root / name, strict=strict)
         change(data)
-        _write_json_atomic(root / name, data)
+        write_json_atomic(root / name, data)
 
 
 def read_pins() -> dict[str, str]:

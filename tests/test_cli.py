@@ -41,6 +41,11 @@ def test_list_task_filter_and_sort():
     assert len(rows) == 10 and all(x["task"] == "detection" for x in rows)
     aps = [float(x["box_ap"]) for x in rows]
     assert aps == sorted(aps) and aps[-1] == 43.0
+    r = zoo_cmd("list", "--sort", "mask_ap", "--reverse", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    maps = [float(x["mask_ap"]) for x in rows if x["mask_ap"]]
+    assert maps == sorted(maps, reverse=True) and len(maps) == 9
+    assert all(not x["mask_ap"] for x in rows[9:])  # detectors (no mask AP) last either way
 
 
 def test_list_table_is_readable():

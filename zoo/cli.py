@@ -53,15 +53,16 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _sorted_rows(manifests: list[Manifest], field: str) -> list[dict]:
+def _sorted_rows(manifests: list[Manifest], field: str, reverse: bool = False) -> list[dict]:
     rows = [m.summary() for m in manifests]
-    # None (mask AP of detectors) sorts last.
-    return sorted(rows, key=lambda r: (r[field] is None, r[field] if r[field] is not None else 0, r["name"]))
+    present = sorted((r for r in rows if r[field] is not None), key=lambda r: r["name"])
+    present.sort(key=lambda r: r[field], reverse=reverse)  # stable: ties stay in name order
+    return present + [r for r in rows if r[field] is None]  # None (mask AP of detectors) last either way
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     names = registry.list_models(task=args.task, pattern=args.pattern)
-    rows = _sorted_rows(registry.manifests(names), args.sort)
+    rows = _sorted_rows(registry.manifests(names), args.sort, args.reverse)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--task", choices=["detection", "instance_segmentation"])
     ls.add_argument("--pattern", help="glob on the name, any case, e.g. '*fpn*'")
     ls.add_argument("--sort", choices=SORT_FIELDS, default="name")
+    ls.add_argument("--reverse", action="store_true", help="largest first (e.g. --sort box_ap --reverse)")
     ls.add_argument("--format", choices=["table", "json", "csv", "markdown"], default="table")
     ls.set_defaults(func=cmd_list)
 

@@ -15,6 +15,20 @@ from zoo import ops
 from zoo.modeling import rpn
 
 GOLDEN = torch.load(Path(__file__).parent / "fixtures" / "torchvision_ops.pt", weights_only=True)
+# The order of exact ties comes from torch's unstable sort, which another torch release may implement
+# differently (zoo calls the same sort, so it would still agree with torchvision there): the order is
+# compared under the recording's torch release (CI's); under another one, what no order of ties changes.
+SAME_TORCH = torch.__version__.split("+")[0].split(".")[:2] == GOLDEN["torch"].split("+")[0].split(".")[:2]
+
+
+def _assert_same_keep(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor, cut: bool) -> None:
+    """cut: the result is a first-k prefix, whose tied boxes at the cut depend on the order too."""
+    if SAME_TORCH:
+        assert torch.equal(got, want)
+    elif cut:
+        assert torch.equal(scores[got], scores[want])
+    else:
+        assert torch.equal(got.sort().values, want.sort().values) and torch.equal(scores[got], scores[want])
 
 
 def _case_id(c: dict) -> str:
@@ -24,8 +38,8 @@ def _case_id(c: dict) -> str:
 @pytest.mark.parametrize("case", GOLDEN["nms"], ids=_case_id)
 def test_nms_and_batched_nms_equal_torchvision(case):
     b, s, i, thr = case["boxes"], case["scores"], case["idxs"], case["thr"]
-    assert torch.equal(ops.nms(b, s, thr, backend="torch"), case["nms"])
-    assert torch.equal(ops.batched_nms(b, s, i, thr, backend="torch"), case["batched"])
+    assert torch.equal(ops.nms(b, s, thr, backend="torch"), case["nms"])  # a stable order: any torch
+    _assert_same_keep(ops.batched_nms(b, s, i, thr, backend="torch"), case["batched"], s, cut=False)
 
 
 def test_the_cases_have_ties_a_stable_order_would_break():
@@ -43,7 +57,7 @@ def test_rpn_single_level_shortcut_orders_ties_like_torchvision():
     c = GOLDEN["rpn"]
     levels = torch.zeros(c["boxes"].shape[0], dtype=torch.int64)
     keep = rpn._nms_topk(c["boxes"], c["scores"], levels, c["thr"], c["k"], single_level=True)
-    assert torch.equal(keep, c["keep"])
+    _assert_same_keep(keep, c["keep"], c["scores"], cut=True)
 
 
 @pytest.mark.parametrize("case", GOLDEN["roi_align"], ids=lambda c: c["kind"])

@@ -103,7 +103,7 @@ class GeneralizedRCNN(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         # the inference switches are plain attributes: catch a bad value here, not at the next predict
-        if name == "precision" and value not in PRECISIONS:
+        if name == "precision" and (not isinstance(value, str) or value not in PRECISIONS):
             raise InputError(f"unknown precision {value!r}; use one of {', '.join(PRECISIONS)}")
         if name in ("static_shapes", "fast_convs") and value is not None and not isinstance(value, bool):
             raise InputError(f"{name} is True, False or None (automatic), not {value!r}")

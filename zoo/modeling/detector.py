@@ -24,10 +24,14 @@ from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_si
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _check_precision_name(precision: Any) -> None:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+
+
 def check_precision(precision: str, device: torch.device) -> str:
     """Validate a precision name for a device; returns it, or raises InputError saying what works."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    _check_precision_name(precision)
     if precision == "fp16" and torch.device(device).type != "cuda":
         raise InputError("precision 'fp16' needs a CUDA device; on CPU use precision='bf16' (or 'fp32')")
     return precision
@@ -103,8 +107,8 @@ class GeneralizedRCNN(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         # the inference switches are plain attributes: catch a bad value here, not at the next predict
-        if name == "precision" and (not isinstance(value, str) or value not in PRECISIONS):
-            raise InputError(f"unknown precision {value!r}; use one of {', '.join(PRECISIONS)}")
+        if name == "precision":
+            _check_precision_name(value)
         if name in ("static_shapes", "fast_convs") and value is not None and not isinstance(value, bool):
             raise InputError(f"{name} is True, False or None (automatic), not {value!r}")
         if name == "cuda_graphs" and not isinstance(value, bool):

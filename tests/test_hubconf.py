@@ -1,6 +1,4 @@
 """hubconf.py as torch.hub sees it: entrypoints, docstrings, local loading, pretrained via a mirror."""
-import json
-
 import pytest
 import torch
 import torch.hub
@@ -8,7 +6,7 @@ from torch import nn
 
 import zoo
 from synth_weights import synth_tensor
-from user_support import FIXTURES, IMAGES, ROOT, fixture_record, mirror_with, small_manifest, synth_checkpoint
+from user_support import IMAGES, ROOT, fixture_record, mirror_with, small_manifest, state_dict_keys, synth_checkpoint
 from zoo.errors import InputError
 from zoo.results import Detections
 
@@ -40,7 +38,7 @@ def test_load_local_architecture_only():
     model = torch.hub.load(str(ROOT), "faster_rcnn_R_50_FPN_1x", source="local", pretrained=False)
     assert isinstance(model, nn.Module) and not model.training
     assert model.manifest.name == "faster_rcnn_R_50_FPN_1x"
-    keys = json.loads((FIXTURES / "state_dicts/faster_rcnn_R_50_FPN_1x.json").read_text())
+    keys = state_dict_keys("faster_rcnn_R_50_FPN_1x")
     assert set(model.state_dict()) == set(keys)
 
 

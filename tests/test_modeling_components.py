@@ -1,7 +1,6 @@
 """Unit checks of the pieces: anchors, box decoding, mask pasting, and predict end to end on a small input."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from zoo.results import Detections
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_weights import synth_state_dict  # noqa: E402
-from user_support import top_matched  # noqa: E402
+from user_support import state_dict_keys, top_matched  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -104,7 +103,7 @@ def small_model():
     arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": 224,
                                                                           "max_size_test": 400})})
     model = build_model(arch)
-    keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+    keys = state_dict_keys(name)
     load_weights(model, synth_state_dict(keys))
     return model
 

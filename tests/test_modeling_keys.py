@@ -1,7 +1,6 @@
 """Every baseline builds with exactly Detectron2's state_dict keys and shapes."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 import zoo
 from zoo.modeling import build_model
+from user_support import state_dict_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = sorted(p.stem for p in (FIXTURES / "state_dicts").glob("*.json"))
@@ -21,7 +21,7 @@ def test_all_baselines_have_fixtures():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_keys_and_shapes(name):
-    ref = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+    ref = state_dict_keys(name)
     model = build_model(zoo.get_manifest(name).architecture)
     sd = model.state_dict()
     assert sorted(sd) == sorted(ref)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import pickle
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from zoo.modeling.layers import Conv2d, FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_weights import synth_state_dict, synth_tensor  # noqa: E402
+from user_support import state_dict_keys  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_GENERATOR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "synth_weights.py"
@@ -100,7 +100,7 @@ def test_nan_entry_leaves_model_untouched(model):
 
 
 def test_released_pkl_layout_round_trip(model, tmp_path):
-    keys = json.loads((FIXTURES / "state_dicts" / f"{SMALL}.json").read_text())
+    keys = state_dict_keys(SMALL)
     sd = synth_state_dict(keys, seed=7)
     path = tmp_path / "model_final_synthetic.pkl"
     with open(path, "wb") as f:
@@ -137,7 +137,7 @@ def test_synth_weights_match_shared_generator(name):
     spec = importlib.util.spec_from_file_location("shared_synth", SHARED_GENERATOR)
     shared = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shared)
-    keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+    keys = state_dict_keys(name)
     for seed, ps in ((20261124, 1.0), (5, 57.63)):
         ours = synth_state_dict(keys, seed, ps)
         theirs = shared.synth_state_dict(keys, seed, ps)

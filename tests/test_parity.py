@@ -24,7 +24,7 @@ from zoo.modeling import build_model, load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_weights import synth_tensor  # noqa: E402
-from user_support import greedy_match  # noqa: E402
+from user_support import greedy_match, mask_iou, state_dict_keys  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = ("grace_hopper", "scene_427x640", "wide_300x1400")
@@ -106,7 +106,7 @@ class Runner:
             self._model = None  # free the previous network first
             self._results = {k: v for k, v in self._results.items() if k[0] == key}
             arch = zoo.get_manifest(name).architecture
-            keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+            keys = state_dict_keys(name)
             model = build_model(arch)
             load_weights(model, self._synth(keys, key[1], key[2]))
             self._model, self._key = model.to(DEVICE), key
@@ -193,12 +193,7 @@ def test_parity(runner, name, image, path):
     if "masks_rle" in ri:
         assert out.masks is not None and out.masks.dtype == torch.bool
         assert tuple(out.masks.shape[1:]) == (inp["height"], inp["width"])
-        ious = []
-        for i in matched:
-            g = _decode_rle(ri["masks_rle"][i])
-            p = out.masks[match[i]].numpy()
-            union = np.logical_or(g, p).sum()
-            ious.append(np.logical_and(g, p).sum() / union if union else 1.0)
+        ious = [mask_iou(_decode_rle(ri["masks_rle"][i]), out.masks[match[i]].numpy()) for i in matched]
         assert np.mean(ious) >= MIN_MASK_IOU, np.mean(ious)
     else:
         assert out.masks is None

@@ -24,14 +24,34 @@ def fixture_record(name: str, image: str) -> dict:
     return json.loads((FIXTURES / "detectron2" / name / f"{image}.json").read_text())
 
 
+def state_dict_keys(name: str) -> dict:
+    """Detectron2's state_dict listing of baseline `name`: {key: {"shape": [...], "dtype": ...}}."""
+    return json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
+
+
+def baseline_state_dict(name: str, seed: Optional[int] = None) -> dict:
+    """The synthetic weights Detectron2's outputs were recorded with for `name` (its seed unless `seed` is given,
+    and its pixel_std: 57.63 for X101, 1.0 otherwise)."""
+    w = fixture_record(name, "grace_hopper")["weights"]
+    return synth_state_dict(state_dict_keys(name), w["seed"] if seed is None else seed, w["pixel_std"])
+
+
+def synthetic_baseline(name: str):
+    """Baseline `name` as zoo builds it, with baseline_state_dict(name) loaded, in eval mode."""
+    import zoo
+    from zoo.modeling import build_model, load_weights
+
+    model = build_model(zoo.get_manifest(name).architecture)
+    load_weights(model, baseline_state_dict(name))
+    return model.eval()
+
+
 def synth_checkpoint(tmp_path_factory, name: str) -> Path:
     """The fixtures' synthetic weights for `name` as a released-layout .pkl, written once per session."""
     path = tmp_path_factory.getbasetemp() / "synth_checkpoints" / f"{name}.pkl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
-        w = fixture_record(name, "grace_hopper")["weights"]
-        state = synth_state_dict(keys, w["seed"], w["pixel_std"])
+        state = baseline_state_dict(name)
         tmp = path.with_suffix(".part")
         with open(tmp, "wb") as f:
             pickle.dump({"model": state, "__author__": "synthetic", "matching_heuristics": False}, f, protocol=4)
@@ -111,7 +131,7 @@ def small_synthetic_model(name: str, min_size: int = 320, max_size: int = 512):
     arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": min_size,
                                                                           "max_size_test": max_size})})
     model = build_model(arch)
-    load_weights(model, synth_state_dict(json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())))
+    load_weights(model, synth_state_dict(state_dict_keys(name)))
     return model
 
 
@@ -125,6 +145,14 @@ def box_iou(a, b):
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(dim=2)
     return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def mask_iou(a, b) -> float:
+    """IoU of two boolean masks of one shape; 1.0 when both are empty."""
+    import numpy as np
+
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def top_matched(ref, out, top_n: int, min_iou: float) -> float:

@@ -3,7 +3,8 @@
 
 For each model prints one markdown row per variant: ms/image at batch 1 (median after warm-up,
 CUDA-synchronised), images/s at batch --batch, peak GPU memory (torch.cuda.max_memory_allocated, reset per
-variant), detections per image, and Detectron2's recorded ms divided by ours. torchvision's counterpart
+variant), detections per image, the share of the first fp32 variant's detections that a variant also finds (same
+class, IoU >= 0.9: the bf16 target's criterion), and Detectron2's recorded ms divided by ours. torchvision's counterpart
 (CUDA only, imported only there) runs in the same process for the R50-FPN models.
 
 Weights are the fixtures' synthetic ones (tests/synth_weights.py, seed 20261124), which give ~100
@@ -15,7 +16,6 @@ resized to 938x800 (HxW, short side 800) once, so no model resizes inside the ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,9 +28,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import zoo  # noqa: E402
-from zoo.modeling import build_model, load_weights  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SEED = 20261124
@@ -58,14 +55,19 @@ def load_image() -> np.ndarray:
     return np.asarray(im.resize((800, 938), Image.BILINEAR))
 
 
-def synth_model(name: str, device: torch.device):
-    from synth_weights import synth_state_dict
+def matched_share(ref, out) -> str:
+    """Share of `ref`'s detections that `out` also has (same class, IoU >= 0.9), as a percentage."""
+    from user_support import top_matched
 
-    rec = json.load(open(os.path.join(FIXTURES, "detectron2", name, "grace_hopper.json")))["weights"]
-    keys = json.load(open(os.path.join(FIXTURES, "state_dicts", f"{name}.json")))
-    model = build_model(zoo.get_manifest(name).architecture)
-    load_weights(model, synth_state_dict(keys, rec.get("seed", SEED), rec.get("pixel_std", 1.0)))
-    return model.to(device).eval()
+    if ref is None or not len(ref):
+        return ""
+    return f"{100 * top_matched(ref, out, len(ref), 0.9):.0f}%" if len(out) else "0%"
+
+
+def synth_model(name: str, device: torch.device):
+    from user_support import synthetic_baseline
+
+    return synthetic_baseline(name).to(device)
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
@@ -105,17 +107,18 @@ def median_s(fn: Callable[[], Any], device: torch.device, warmup: int, iters: in
 
 def measure(run1: Callable[[], Any], runb: Callable[[], Any], count: Callable[[Any], int],
             device: torch.device, args) -> dict:
-    """batch-1 ms, batch-B images/s, peak MiB (batch 1 and batch B), detections per image."""
+    """batch-1 ms, batch-B images/s, peak MiB (batch 1 and batch B), detections per image, and one batch-1 output."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * median_s(run1, device, args.warmup, args.iters)
     peak1 = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    dets = count(run1())
+    out = run1()
+    dets = count(out)
     # two warm-ups at least: CUDA graphs capture a shape on its second use
     s = median_s(runb, device, max(2, args.warmup // 5), args.batch_iters)
     peakb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"ms": ms, "ips": args.batch / s, "peak1": peak1, "peakb": peakb, "dets": dets}
+    return {"ms": ms, "ips": args.batch / s, "peak1": peak1, "peakb": peakb, "dets": dets, "out": out}
 
 
 def torchvision_model(tv_name: str, device: torch.device):
@@ -171,11 +174,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "'D2/ours' > 1 means faster than Detectron2 (the goal is >= 3)")
         img = load_image()
         lines += ["| model | variant | ms/image b1 | D2 ms | D2/ours | images/s b%d | peak MiB b1 | peak MiB b%d "
-                  "| dets/img |" % (args.batch, args.batch), "|---|---|---|---|---|---|---|---|---|"]
+                  "| dets/img | matched vs fp32 |" % (args.batch, args.batch), "|---|---|---|---|---|---|---|---|---|---|"]
         tv_ok = device.type == "cuda" and not args.no_torchvision
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             d2 = D2_MS.get(name)
             model = synth_model(name, device)
+            ref = None  # the first fp32 variant's detections
             for variant in [p.strip() for p in args.variants.split(",") if p.strip()]:
                 prec, flags = parse_variant(variant)
                 if device.type != "cuda" and (prec == "fp16" or "graphs" in flags):
@@ -199,11 +203,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     continue
                 if ops_env and "torchops" not in flags:
                     variant += " (retried with ZOO_OPS=torch)"
+                if ref is None and prec == "fp32":
+                    ref = r["out"]
+                matched = matched_share(ref, r["out"])
                 lines.append(f"| {name} | zoo {variant} | {r['ms']:.1f} | {fmt(d2, '.1f')} | "
                              f"{fmt(d2 / r['ms'] if d2 else None, '.2f')} | {r['ips']:.1f} | "
-                             f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} |")
+                             f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} | {matched} |")
                 print(lines[-1], flush=True)
-            del model
+            del model, ref
             if name in TV_MODELS and not tv_ok and device.type != "cuda":
                 notes.append(f"{name}: torchvision's {TV_MODELS[name][0]} not timed (CPU run; GPU-only)")
             if name in TV_MODELS and tv_ok:
@@ -223,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     r = measure(tv1, tvb, lambda o: len(o[0]["boxes"]), device, args)
                     lines.append(f"| {name} | torchvision {tv_name} fp32 (anchors: {tv_ms} ms) | {r['ms']:.1f} | "
                                  f"{fmt(d2, '.1f')} | {fmt(d2 / r['ms'] if d2 else None, '.2f')} | {r['ips']:.1f} | "
-                                 f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} |")
+                                 f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} | |")
                     print(lines[-1], flush=True)
                     del tv
                 except Exception as e:

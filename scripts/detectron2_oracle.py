@@ -21,7 +21,6 @@ RPN candidates with sort, current Detectron2 with topk: exactly tied logits may 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 from pathlib import Path
@@ -65,7 +64,7 @@ def _stand_in_torchvision() -> None:
     sys.modules.update({"torchvision": tv, "torchvision.ops": tv_ops, "torchvision.ops.boxes": boxes})
 
 
-def _import_detectron2(src: Path) -> str:
+def import_detectron2(src: Path) -> str:
     """Put Detectron2's source on the path; returns which torchvision ops it will call."""
     sys.path.insert(0, str(src))
     try:
@@ -86,18 +85,7 @@ def _import_detectron2(src: Path) -> str:
     return used
 
 
-def _weights(name: str, seed: int) -> dict:
-    """The synthetic state_dict of `name` for `seed` (pixel_std as the fixtures record it: 57.63 for X101)."""
-    from synth_weights import synth_state_dict
-
-    import zoo
-
-    keys = json.loads((FIXTURES / "state_dicts" / f"{name}.json").read_text())
-    pixel_std = round(float(np.mean(zoo.get_manifest(name).architecture.input.pixel_std)), 2)  # as recorded
-    return synth_state_dict(keys, seed, pixel_std)
-
-
-def _detectron2_model(name: str, config: Path, state: dict):
+def detectron2_model(name: str, config: Path, state: dict):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -112,21 +100,30 @@ def _detectron2_model(name: str, config: Path, state: dict):
     return model, cfg
 
 
-def _run_detectron2(model, cfg, paths: list[Path]) -> list[dict]:
-    """Detectron2's results for `paths` run as one batch (padded to a common size, as its inference does)."""
+def detectron2_inputs(cfg, paths: list[Path]) -> list[dict]:
+    """Detectron2's model inputs for `paths`, made as for the fixtures: PIL RGB (flipped where INPUT.FORMAT is BGR),
+    ResizeShortestEdge, CHW float32, with the original height and width."""
     from detectron2.data import transforms as T
-    from detectron2.modeling.postprocessing import detector_postprocess
     from PIL import Image
 
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    inputs, originals = [], []
+    inputs = []
     for path in paths:
         img = np.asarray(Image.open(path).convert("RGB"))
         if cfg.INPUT.FORMAT == "BGR":
             img = img[:, :, ::-1]
         resized = resize.get_transform(img).apply_image(img)
-        inputs.append({"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))})
-        originals.append(img.shape[:2])
+        inputs.append({"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32")),
+                       "height": img.shape[0], "width": img.shape[1]})
+    return inputs
+
+
+def _run_detectron2(model, cfg, paths: list[Path]) -> list[dict]:
+    """Detectron2's results for `paths` run as one batch (padded to a common size, as its inference does)."""
+    from detectron2.modeling.postprocessing import detector_postprocess
+
+    inputs = detectron2_inputs(cfg, paths)
+    originals = [(d["height"], d["width"]) for d in inputs]
     with torch.no_grad():
         batch = model.preprocess_image(inputs)
         feats = model.backbone(batch.tensor)
@@ -156,7 +153,7 @@ def compare(ref: dict, out: dict) -> dict:
     row = {"sizes": ref["sizes"] == out["sizes"], "n": f"{len(ref['boxes'])}/{len(out['boxes'])}"}
     p, q = ref["proposals"], out["proposals"]
     row["proposals equal"] = f"{int((p == q).all(1).sum()) if p.shape == q.shape else 0}/{len(p)}"
-    from user_support import greedy_match
+    from user_support import greedy_match, mask_iou
 
     match = greedy_match(*(torch.from_numpy(np.asarray(ref[k])) for k in ("boxes", "scores", "labels")),
                          torch.from_numpy(np.asarray(out["boxes"])), torch.from_numpy(np.asarray(out["labels"])),
@@ -164,11 +161,8 @@ def compare(ref: dict, out: dict) -> dict:
     pairs = [(i, j) for i, j in enumerate(match) if j >= 0]
     matched = len(pairs)
     worst = max((float(np.abs(ref["boxes"][i] - out["boxes"][j]).max()) for i, j in pairs), default=0.0)
-    bad_masks = 0
-    for i, j in pairs if ref["masks"] is not None else ():
-        a, b = ref["masks"][i], out["masks"][j]
-        union = np.logical_or(a, b).sum()
-        bad_masks += bool(union) and np.logical_and(a, b).sum() / union < MIN_MASK_IOU
+    bad_masks = sum(mask_iou(ref["masks"][i], out["masks"][j]) < MIN_MASK_IOU
+                    for i, j in (pairs if ref["masks"] is not None else ()))
     row.update({"matched": f"{matched}/{len(ref['boxes'])}", "max box diff": f"{worst:.1e}",
                 "masks < 0.97": bad_masks})
     row["ok"] = (row["sizes"] and len(ref["boxes"]) == len(out["boxes"]) and matched >= 0.97 * len(ref["boxes"])
@@ -191,8 +185,9 @@ def main() -> int:
                     help="all images as one padded batch (Detectron2's batched inference; zoo's predict(exact=False))")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    ops_used = _import_detectron2(a.detectron2)
+    ops_used = import_detectron2(a.detectron2)
     import zoo
+    from user_support import baseline_state_dict
     from zoo.modeling import build_model, load_weights
 
     config = a.configs / f"{a.name}.yaml"
@@ -205,8 +200,8 @@ def main() -> int:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     failures = 0
     for seed in a.seeds:
-        state = _weights(a.name, seed)
-        d2, cfg = _detectron2_model(a.name, config, state)
+        state = baseline_state_dict(a.name, seed)
+        d2, cfg = detectron2_model(a.name, config, state)
         ours = build_model(zoo.get_manifest(a.name).architecture)
         load_weights(ours, state)
         ours.static_shapes, ours.fast_convs = a.path == "static", a.fast_convs or None

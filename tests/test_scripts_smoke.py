@@ -1,0 +1,63 @@
+"""The benchmark scripts, run here on CPU at their smallest: the GPU session (scripts/gpu_session.sh) is rare and
+short, so a script that breaks must be caught before it. The timings themselves are not checked."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from user_support import ROOT
+
+MODEL = "faster_rcnn_R_50_FPN_3x"  # the quickest baseline at full size
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ZOO_OPS", None)
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    return res
+
+
+def table_row(text: str, *first_cells: str) -> list[str]:
+    """The cells of the markdown row that starts with `first_cells`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[:len(first_cells)] == list(first_cells):
+            return cells
+    raise AssertionError(f"no row {first_cells} in:\n{text}")
+
+
+@pytest.mark.parametrize("script", ["gpu_session.sh", "fetch_gpu_wheels.sh"])
+def test_shell_scripts_parse(script):
+    res = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_bench_e2e_on_cpu(tmp_path):
+    out = tmp_path / "e2e.md"
+    run_script("scripts/bench_e2e.py", "--device", "cpu", "--quick", "--iters", "1", "--batch", "1",
+               "--models", MODEL, "--variants", "fp32,bf16,fp32+graphs", "--out", str(out))
+    text = out.read_text()
+    cells = table_row(text, MODEL, "zoo fp32")
+    assert float(cells[2]) > 0 and float(cells[5]) > 0  # ms/image, images/s
+    assert int(cells[-2]) == 100  # the synthetic weights give 100 detections on the bench image
+    assert cells[-1] == "100%"  # fp32 is the reference the other variants are matched against
+    assert 50 <= float(table_row(text, MODEL, "zoo bf16")[-1].rstrip("%")) <= 100
+    assert f"{MODEL} fp32+graphs: skipped (needs CUDA)" in text
+
+
+def test_profile_e2e_on_cpu():
+    res = run_script("scripts/profile_e2e.py", "--device", "cpu", "--model", MODEL, "--iters", "1", "--rows", "5")
+    assert "ms/image" in res.stdout and "Self CPU" in res.stdout
+
+
+def test_cpu_bench_table():
+    res = run_script("scripts/bench.py", "--models", MODEL, "--repeats", "1")
+    cells = table_row(res.stdout, MODEL)
+    exact, fast, bf16, d2 = (float(c) for c in cells[1:5])
+    assert exact > 0 and fast > 0 and bf16 > 0 and d2 == 1.69
+    share_all, share_top = (float(c.rstrip("%")) for c in cells[-1].split(" / "))
+    assert 0 <= share_all <= 100 and share_top >= 90  # bf16 keeps fp32's best detections

@@ -3,9 +3,9 @@
 
 For each model prints one markdown row per variant: ms/image at batch 1 (median after warm-up,
 CUDA-synchronised), images/s at batch --batch, peak GPU memory (torch.cuda.max_memory_allocated, reset per
-variant), detections per image, the share of the first fp32 variant's detections that a variant also finds (same
-class, IoU >= 0.9: the bf16 target's criterion), and Detectron2's recorded ms divided by ours. torchvision's counterpart
-(CUDA only, imported only there) runs in the same process for the R50-FPN models.
+variant), detections per image, the share of the first fp32 variant's detections that a variant also finds
+(same class, IoU >= 0.9: the bf16 target's criterion), and Detectron2's recorded ms divided by ours.
+torchvision's counterpart (CUDA only, imported only there) runs in the same process for the R50-FPN models.
 
 Weights are the fixtures' synthetic ones (tests/synth_weights.py, seed 20261124), which give ~100
 detections per image, as in the Detectron2 measurement. Input: tests/fixtures/images/grace_hopper.png
@@ -174,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "'D2/ours' > 1 means faster than Detectron2 (the goal is >= 3)")
         img = load_image()
         lines += ["| model | variant | ms/image b1 | D2 ms | D2/ours | images/s b%d | peak MiB b1 | peak MiB b%d "
-                  "| dets/img | matched vs fp32 |" % (args.batch, args.batch), "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| dets/img | matched vs fp32 |" % (args.batch, args.batch), "|---" * 10 + "|"]
         tv_ok = device.type == "cuda" and not args.no_torchvision
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             d2 = D2_MS.get(name)

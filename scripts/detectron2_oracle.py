@@ -30,7 +30,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-FIXTURES = ROOT / "tests" / "fixtures"
 MATCH_IOU = 0.98  # as tests/test_parity.py, with its matcher (tests/user_support.greedy_match)
 MIN_MASK_IOU = 0.97
 

@@ -128,8 +128,10 @@ def test_offline_with_nothing_cached_says_how_to_fix(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_asked_for_but_absent(tmp_path):
-    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--device", "cuda")
+    r = zoo_cmd("predict", "faster_rcnn_R_50_FPN_1x", str(IMAGES / "grace_hopper.png"), "--device", "cuda",
+                cwd=tmp_path)
     assert_one_line_error(r, "CUDA is not available")
+    assert not (tmp_path / "predictions").exists()  # the default --out folder it made is gone again
 
 
 def test_corrupt_checkpoint_file(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -97,8 +98,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {args.out!r} is a file; pass a folder for the pictures and results.json")
+    created = not out_dir.exists()
     _make_dir(out_dir, "--out")  # before the slow part
-    model = load_model(args.name, args.weights, args.device)
+    try:
+        model = load_model(args.name, args.weights, args.device)
+    except BaseException:
+        if created:  # a failed run leaves no empty folder behind
+            with contextlib.suppress(OSError):  # not empty after all: keep it
+                out_dir.rmdir()
+        raise
 
     records: list[dict] = []
     names = _output_names(paths)

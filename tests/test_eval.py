@@ -127,3 +127,19 @@ def test_cli_eval_with_the_same_synthetic_weights_scores_near_100(tmp_path, tmp_
     results = json.loads(out.read_text())
     assert {x["image_id"] for x in results} == {1, 2, 3}
     assert all(x["category_id"] in COCO_CATEGORY_IDS and "segmentation" in x for x in results)
+
+    # bf16: the same evaluation runs, close to but not exactly fp32's detections
+    r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--weights", str(ckpt),
+                "--out", str(out), "--device", "cpu", "--precision", "bf16")
+    assert r.returncode == 0, r.stderr
+    aps16 = {t: float(v) for t, v in re.findall(r"^(bbox|segm) AP ([\d.]+)   published", r.stdout, re.M)}
+    assert 80 <= aps16["bbox"] <= 100 and 80 <= aps16["segm"] <= 100, r.stdout  # measured: 94.1 and 91.8
+
+
+def test_cli_eval_refuses_fp16_on_cpu_before_anything(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    out = tmp_path / "out" / "results.json"
+    r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--out", str(out),
+                "--device", "cpu", "--precision", "fp16", env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "c")})
+    assert r.returncode == 1 and r.stderr.startswith("zoo: error: ") and "bf16" in r.stderr, r.stderr
+    assert not out.parent.exists()

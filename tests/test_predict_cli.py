@@ -134,6 +134,23 @@ def test_cuda_asked_for_but_absent(tmp_path):
     assert not (tmp_path / "predictions").exists()  # the default --out folder it made is gone again
 
 
+def test_predict_in_bf16(tmp_path, small_env):
+    name, env = small_env
+    out = tmp_path / "out"
+    r = zoo_cmd("predict", name, str(IMAGES / "grace_hopper.png"), "--out", str(out), "--score-thresh", "0.3",
+                "--device", "cpu", "--precision", "bf16", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "results.json").read_text()), r.stdout
+
+
+def test_fp16_on_cpu_is_refused_before_anything(tmp_path, small_env):
+    name, env = small_env
+    r = zoo_cmd("predict", name, str(IMAGES / "grace_hopper.png"), "--device", "cpu", "--precision", "fp16",
+                env=env, cwd=tmp_path)
+    assert_one_line_error(r, "fp16", "bf16")
+    assert not (tmp_path / "predictions").exists()
+
+
 def test_corrupt_checkpoint_file(tmp_path):
     bad = tmp_path / "model_final.pkl"
     bad.write_bytes(b"\x80\x04garbage that is not a pickle")

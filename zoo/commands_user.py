@@ -42,11 +42,21 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_model(name: str, weights: Optional[str], device: str, *, synthetic: bool = False) -> Any:
+def load_model(name: str, weights: Optional[str], device: str, *, synthetic: bool = False,
+               precision: str = "fp32") -> Any:
     """zoo.get for the CLI: a local checkpoint, random weights (synthetic) or the released ones."""
     from .api import get
 
-    return get(name, pretrained=weights is None and not synthetic, weights=weights, device=device)
+    return get(name, pretrained=weights is None and not synthetic, weights=weights, device=device,
+               precision=precision)
+
+
+def check_precision_for(args: argparse.Namespace) -> None:
+    """A precision the device cannot run fails before anything is created, read or downloaded."""
+    from .api import resolve_device
+    from .modeling.detector import check_precision
+
+    check_precision(args.precision, resolve_device(args.device))
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
@@ -91,6 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise InputError(f"--score-thresh must be between 0 and 1, got {args.score_thresh}")
     manifest = get_manifest(args.name)
     paths = collect_images(args.images)
+    check_precision_for(args)
     if manifest.task == "instance_segmentation":
         from .evaluation import require_pycocotools
 
@@ -101,7 +112,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     created = not out_dir.exists()
     _make_dir(out_dir, "--out")  # before the slow part
     try:
-        model = load_model(args.name, args.weights, args.device)
+        model = load_model(args.name, args.weights, args.device, precision=args.precision)
     except BaseException:
         if created:  # a failed run leaves no empty folder behind
             with contextlib.suppress(OSError):  # not empty after all: keep it
@@ -132,12 +143,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require_pycocotools()
     manifest = get_manifest(args.name)
+    check_precision_for(args)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise InputError(f"--out {args.out!r} is a folder; pass a file name for the results JSON")
     _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
     coco = load_annotations(args.annotations)  # a bad file fails before the model loads
-    model = load_model(args.name, args.weights, args.device)
+    model = load_model(args.name, args.weights, args.device, precision=args.precision)
     result = evaluate(model, coco, args.images, limit=args.limit)
     try:
         write_json_atomic(out, result.results, indent=None)  # a crash never leaves half a file
@@ -245,6 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_user_commands(sub: Any) -> None:
     """Register predict, eval and bench on the `zoo` subparsers."""
     device_help = "auto (CUDA when present), cpu or cuda[:N]"
+    precision_help = ("network precision: fp32 (default, exact), bf16 (CPU or CUDA) or fp16 (CUDA); the reduced "
+                      "ones run faster on hardware made for them and are not parity-exact")
 
     p = sub.add_parser("predict", help="detect objects in images; write annotated pictures and COCO results")
     p.add_argument("name", help="model name, e.g. mask_rcnn_R_50_FPN_3x")
@@ -253,6 +267,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances scoring at least this (default 0.5)")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help=precision_help)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO AP of a model on a COCO-format dataset (needs pycocotools)")
@@ -263,6 +278,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N images (by id)")
     p.add_argument("--out", default="results.json", help="where to save the COCO results (default: ./results.json)")
     p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help=precision_help)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="inference speed and peak memory, beside the published V100 time")
@@ -273,7 +289,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 5 on CUDA)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--amp", action="store_true", help="reduced precision: fp16 on CUDA, bf16 on CPU")
-    prec.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="network precision (default fp32)")
+    prec.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help=precision_help)
     p.add_argument("--image", help="image to time on (default: a bundled 512x600 photo)")
     p.add_argument("--path", choices=("auto", "static", "dynamic"), default="auto",
                    help="inference path: fixed-shape (no host sync) or dynamic; auto: fixed-shape on CUDA")

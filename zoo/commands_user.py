@@ -52,7 +52,7 @@ def load_model(name: str, weights: Optional[str], device: str, *, synthetic: boo
 
 
 def check_precision_for(args: argparse.Namespace) -> None:
-    """A precision the device cannot run fails before anything is created, read or downloaded."""
+    """A precision the device cannot run fails before anything is created or downloaded."""
     from .api import resolve_device
     from .modeling.detector import check_precision
 

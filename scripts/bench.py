@@ -120,7 +120,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from user_support import top_matched
+    from bench_e2e import matched_share
 
     torch.set_num_threads(a.threads)
     if a.detectron2:
@@ -150,8 +150,7 @@ def main() -> None:
             runners["tv"] = torchvision_runner(tv_models[name], a.image)
         s = medians_in_turns(runners, a.repeats)
         ref, low = runners["exact"](), runners["bf16"]()
-        matched = " / ".join(f"{100 * top_matched(ref, low, n, 0.9):.0f}%" if len(low) else "0%"
-                             for n in (len(ref), min(50, len(ref))))
+        matched = f"{matched_share(ref, low)} / {matched_share(ref, low, 50)}"
         del runners
         d2 = s.get("d2", None if a.detectron2 else DETECTRON2_CPU_S.get(name))
         row = [name, f"{s['exact']:.2f}", f"{s['fast']:.2f}", f"{s['bf16']:.2f}", f"{d2:.2f}" if d2 else "",

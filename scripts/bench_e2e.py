@@ -55,13 +55,15 @@ def load_image() -> np.ndarray:
     return np.asarray(im.resize((800, 938), Image.BILINEAR))
 
 
-def matched_share(ref, out) -> str:
-    """Share of `ref`'s detections that `out` also has (same class, IoU >= 0.9), as a percentage."""
+def matched_share(ref, out, top_n: Optional[int] = None) -> str:
+    """Share of `ref`'s detections (its top_n best, default all) that `out` also has (same class, IoU >= 0.9),
+    as a percentage."""
     from user_support import top_matched
 
     if ref is None or not len(ref):
         return ""
-    return f"{100 * top_matched(ref, out, len(ref), 0.9):.0f}%" if len(out) else "0%"
+    n = len(ref) if top_n is None else min(top_n, len(ref))
+    return f"{100 * top_matched(ref, out, n, 0.9):.0f}%" if len(out) else "0%"
 
 
 def synth_model(name: str, device: torch.device):

@@ -36,6 +36,11 @@ def require_working_interpreter() -> None:
     import numpy
     import triton
 
+    from zoo import ops
+
+    if ops.triton_problem():
+        pytest.fail(ops.triton_problem(), pytrace=False)
+
     loop_count, _ = _probe_kernels()
     out = torch.zeros(1, dtype=torch.int32)
     try:

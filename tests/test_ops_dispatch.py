@@ -37,7 +37,7 @@ def test_unknown_backend_argument():
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not ops.triton_available():
-        pytest.skip("triton not installed")
+        pytest.skip(ops.triton_problem())
     with pytest.raises(ZooError, match="TRITON_INTERPRET=1"):
         ops.roi_align(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1, 1.0, 0, True,
                       backend="triton")
@@ -61,3 +61,52 @@ def test_torch_path_never_imports_triton():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+OLD_TRITON_CODE = r'''
+import warnings, torch
+from zoo import ops
+from zoo.errors import ZooError
+assert not ops.triton_available()
+print("problem:", ops.triton_problem())
+try:
+    ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5, backend="triton")
+except ZooError as e:
+    print("error:", e)
+if torch.cuda.is_available():  # auto choice on the GPU: the torch ops, with one warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        boxes = torch.tensor([[0., 0, 2, 2], [0, 0, 2, 2.1]], device="cuda")
+        for _ in range(3):
+            keep = ops.nms(boxes, torch.tensor([1., 0.9], device="cuda"), 0.5)
+    assert keep.tolist() == [0], keep
+    print("warnings:", [str(w.message) for w in caught])
+'''
+
+
+@pytest.mark.parametrize("version", ["3.0.0", "2.1.0"])
+def test_too_old_triton_is_refused_with_what_to_install(tmp_path, version):
+    # a real package named triton, older than the kernels support, ahead of any installed one on the path
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("ZOO_OPS", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), ROOT])
+    res = subprocess.run([sys.executable, "-c", OLD_TRITON_CODE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    assert f"triton {version} is older than 3.3" in lines["problem"]
+    assert "pip install 'triton>=3.3'" in lines["problem"]
+    assert lines["error"].startswith("the triton backend cannot run: triton " + version)
+    assert lines["error"].endswith("or use backend='torch'")
+    if "warnings" in lines:  # CUDA only: three calls, one warning
+        assert lines["warnings"].count("older than 3.3") == 1, lines["warnings"]
+
+
+def test_triton_problem_is_none_with_a_supported_triton():
+    pytest.importorskip("triton")
+    import triton
+
+    if tuple(int(n) for n in triton.__version__.split(".")[:2]) < ops.MIN_TRITON:
+        pytest.fail(f"triton {triton.__version__} is installed; the test extra asks for triton>=3.3")
+    assert ops.triton_problem() is None and ops.triton_available()

@@ -8,6 +8,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on `device_type` now, or None when it is off."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except TypeError:  # torch < 2.4: one function per device
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine terms, all stored as buffers (Detectron2 layout)."""
 
@@ -57,7 +69,7 @@ class Conv2d(nn.Conv2d):
         norm = self.norm
         assert norm is not None
         # under autocast keep the copy in the autocast dtype: conv2d would cast it on every call anyway
-        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        cast = autocast_dtype(device_type)
         # runs before every conv: plain dict lookups and (address, version) pairs keep it cheap; a move
         # or cast clears the cache (_apply), an in-place load bumps a version, a swapped .data its address
         p, b = self._parameters, norm._buffers

@@ -2,8 +2,8 @@
 
 Backend choice: an explicit ``backend=`` argument wins, then the ``ZOO_OPS``
 environment variable (``torch`` or ``triton``), then "triton" for CUDA tensors when
-triton imports and "torch" otherwise. ``zoo.kernels`` (and triton) is imported only
-when the triton backend is actually used.
+triton >= 3.3 imports and "torch" otherwise (CUDA tensors then warn once). ``zoo.kernels``
+(and triton) is imported only when the triton backend is actually used.
 
 Semantics notes:
 - roi_align coordinates and sampling run in fp32 (fp64 for fp64 input on the torch
@@ -27,6 +27,8 @@ Semantics notes:
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -37,22 +39,49 @@ from zoo.ops import reference
 from zoo.ops.reference import BoxesLike
 
 __all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed",
-           "paste_masks", "resolve_backend", "triton_available"]
+           "paste_masks", "resolve_backend", "triton_available", "triton_problem"]
 
 _BACKENDS = ("torch", "triton")
-_triton_ok: Optional[bool] = None
+MIN_TRITON = (3, 3)  # the oldest triton the kernels are checked against (torch >= 2.7 ships it)
+_UNSET = "unset"
+_triton_problem: Optional[str] = _UNSET
+_fallback_warned = False
+
+
+def triton_problem() -> Optional[str]:
+    """Why the triton backend cannot run here, or None when it can."""
+    global _triton_problem
+    if _triton_problem is _UNSET:
+        want = ".".join(map(str, MIN_TRITON))
+        try:
+            import triton
+        except Exception as e:  # any import failure means "not usable"
+            _triton_problem = f"triton does not import ({type(e).__name__}); pip install 'triton>={want}'"
+        else:
+            found = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
+            _triton_problem = None if found >= MIN_TRITON else (
+                f"triton {triton.__version__} is older than {want}, which zoo's kernels need; "
+                f"pip install 'triton>={want}' (torch >= 2.7 ships it)")
+    return _triton_problem
 
 
 def triton_available() -> bool:
-    """True when the optional triton package imports."""
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            import triton  # noqa: F401
-            _triton_ok = True
-        except Exception:  # any import failure means "not usable"
-            _triton_ok = False
-    return _triton_ok
+    """True when a triton that can run zoo's kernels (>= MIN_TRITON) imports."""
+    return triton_problem() is None
+
+
+def _auto_backend(tensor: Tensor) -> str:
+    """Triton for CUDA tensors where it can run (else torch, with one warning), torch for the rest."""
+    global _fallback_warned
+    if not tensor.is_cuda:
+        return "torch"
+    if triton_available():
+        return "triton"
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"{triton_problem()}; running zoo's ROIAlign and NMS with the slower pure-torch ops "
+                      "on the GPU (set ZOO_OPS=torch to silence this)", RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 def resolve_backend(backend: Optional[str], tensor: Tensor) -> str:
@@ -66,12 +95,12 @@ def resolve_backend(backend: Optional[str], tensor: Tensor) -> str:
                                f"set it to one of {_BACKENDS} or unset it")
             backend, undo = env, "unset ZOO_OPS"
         else:
-            backend = "triton" if tensor.is_cuda and triton_available() else "torch"
+            backend = _auto_backend(tensor)
     if backend not in _BACKENDS:
         raise ZooError(f"unknown ops backend {backend!r}; use one of {_BACKENDS}")
     if backend == "triton":
         if not triton_available():
-            raise ZooError(f"the triton backend needs the 'triton' package; install it or {undo}")
+            raise ZooError(f"the triton backend cannot run: {triton_problem()}; or {undo}")
         if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ZooError("the triton backend needs CUDA tensors; for CPU tensors set "
                            f"TRITON_INTERPRET=1 (slow, for testing) or {undo}")

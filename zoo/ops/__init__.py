@@ -26,6 +26,7 @@ Semantics notes:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -43,26 +44,22 @@ __all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed
 
 _BACKENDS = ("torch", "triton")
 MIN_TRITON = (3, 3)  # the oldest triton the kernels are checked against (torch >= 2.7 ships it)
-_UNSET = "unset"
-_triton_problem: Optional[str] = _UNSET
 _fallback_warned = False
 
 
+@functools.lru_cache(maxsize=None)
 def triton_problem() -> Optional[str]:
     """Why the triton backend cannot run here, or None when it can."""
-    global _triton_problem
-    if _triton_problem is _UNSET:
-        want = ".".join(map(str, MIN_TRITON))
-        try:
-            import triton
-        except Exception as e:  # any import failure means "not usable"
-            _triton_problem = f"triton does not import ({type(e).__name__}); pip install 'triton>={want}'"
-        else:
-            found = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
-            _triton_problem = None if found >= MIN_TRITON else (
-                f"triton {triton.__version__} is older than {want}, which zoo's kernels need; "
+    want = ".".join(map(str, MIN_TRITON))
+    try:
+        import triton
+    except Exception as e:  # any import failure means "not usable"
+        return f"triton does not import ({type(e).__name__}); pip install 'triton>={want}'"
+    found = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
+    if found < MIN_TRITON:
+        return (f"triton {triton.__version__} is older than {want}, which zoo's kernels need; "
                 f"pip install 'triton>={want}' (torch >= 2.7 ships it)")
-    return _triton_problem
+    return None
 
 
 def triton_available() -> bool:

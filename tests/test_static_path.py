@@ -233,8 +233,8 @@ class SyncRecorder(TorchFunctionMode):
 
 
 def require_recorder_sees_indexing() -> None:
-    """Skip where TorchFunctionMode misses Tensor.__getitem__ (torch 2.1 does; 2.4 does not): there the recorder
-    would pass code that indexes with booleans."""
+    """Skip where TorchFunctionMode misses Tensor.__getitem__ (torch 2.1's does, 2.4's sees it): there the
+    recorder would pass code that indexes with booleans."""
     seen = []
 
     class Probe(TorchFunctionMode):

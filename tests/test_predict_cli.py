@@ -143,6 +143,13 @@ def test_predict_in_bf16(tmp_path, small_env):
     assert json.loads((out / "results.json").read_text()), r.stdout
 
 
+def test_cli_precision_choices_are_the_models():
+    from zoo.commands_user import PRECISION_CHOICES
+    from zoo.modeling.detector import PRECISIONS
+
+    assert PRECISION_CHOICES == tuple(PRECISIONS)
+
+
 def test_fp16_on_cpu_is_refused_before_anything(tmp_path, small_env):
     name, env = small_env
     r = zoo_cmd("predict", name, str(IMAGES / "grace_hopper.png"), "--device", "cpu", "--precision", "fp16",

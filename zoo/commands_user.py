@@ -10,6 +10,9 @@ from typing import Any, Optional, Sequence
 from .errors import InputError, ZooError
 from .hub.cache import write_json_atomic
 
+# the keys of zoo.modeling.detector.PRECISIONS, spelled out so that building the parser does not import torch
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BENCH_IMAGE = Path(__file__).resolve().parent / "assets" / "grace_hopper.jpg"
 
@@ -267,7 +270,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances scoring at least this (default 0.5)")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help=precision_help)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO AP of a model on a COCO-format dataset (needs pycocotools)")
@@ -278,7 +281,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N images (by id)")
     p.add_argument("--out", default="results.json", help="where to save the COCO results (default: ./results.json)")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help=precision_help)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="inference speed and peak memory, beside the published V100 time")
@@ -289,7 +292,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 5 on CUDA)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--amp", action="store_true", help="reduced precision: fp16 on CUDA, bf16 on CPU")
-    prec.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help=precision_help)
+    prec.add_argument("--precision", choices=PRECISION_CHOICES, help=precision_help)
     p.add_argument("--image", help="image to time on (default: a bundled 512x600 photo)")
     p.add_argument("--path", choices=("auto", "static", "dynamic"), default="auto",
                    help="inference path: fixed-shape (no host sync) or dynamic; auto: fixed-shape on CUDA")

@@ -48,17 +48,17 @@ DEFAULT_MODELS = list(DETECTRON2_CPU_S)
 Runner = Callable[[], Any]
 
 
-def medians_in_turns(runners: dict[str, Runner], repeats: int) -> dict[str, float]:
-    """Median seconds of each runner: one warm-up call each, then `repeats` rounds of one call each."""
-    for fn in runners.values():
-        fn()
+def medians_in_turns(runners: dict[str, Runner], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds of each runner (one warm-up call each, then `repeats` rounds of one call each), and what
+    each warm-up call returned."""
+    outputs = {k: fn() for k, fn in runners.items()}
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
         for k, fn in runners.items():
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, outputs
 
 
 def zoo_runner(name: str, image: Path, fast_convs: bool, precision: str = "fp32") -> Runner:
@@ -148,10 +148,10 @@ def main() -> None:
             runners["d2"] = detectron2_runner(name, a.image, a.configs)
         if name in tv_models:
             runners["tv"] = torchvision_runner(tv_models[name], a.image)
-        s = medians_in_turns(runners, a.repeats)
-        ref, low = runners["exact"](), runners["bf16"]()
+        s, outputs = medians_in_turns(runners, a.repeats)
+        ref, low = outputs["exact"], outputs["bf16"]
         matched = f"{matched_share(ref, low)} / {matched_share(ref, low, 50)}"
-        del runners
+        del runners, outputs
         d2 = s.get("d2", None if a.detectron2 else DETECTRON2_CPU_S.get(name))
         row = [name, f"{s['exact']:.2f}", f"{s['fast']:.2f}", f"{s['bf16']:.2f}", f"{d2:.2f}" if d2 else "",
                ratio(s["exact"], d2), ratio(s["fast"], d2), ratio(s["bf16"], d2), matched]

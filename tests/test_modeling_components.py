@@ -10,16 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zoo
-from zoo.modeling import build_model, load_weights
 from zoo.modeling.anchors import AnchorGenerator, cell_anchors
 from zoo.modeling.box_coder import Box2BoxTransform, clip_boxes, nonempty
 from zoo.modeling.mask_paste import paste_masks_in_image, rescale_boxes
 from zoo.results import Detections
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_weights import synth_state_dict  # noqa: E402
-from user_support import state_dict_keys, top_matched  # noqa: E402
+from user_support import small_synthetic_model, top_matched  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -98,14 +95,7 @@ def test_paste_masks_matches_reference(batched):
 @pytest.fixture(scope="module")
 def small_model():
     """Mask R-CNN R50-FPN with synthetic weights, fed at a reduced test size to keep this fast."""
-    name = "mask_rcnn_R_50_FPN_3x"
-    arch = zoo.get_manifest(name).architecture
-    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": 224,
-                                                                          "max_size_test": 400})})
-    model = build_model(arch)
-    keys = state_dict_keys(name)
-    load_weights(model, synth_state_dict(keys))
-    return model
+    return small_synthetic_model("mask_rcnn_R_50_FPN_3x", 224, 400)
 
 
 def test_predict_single_and_list(small_model):

@@ -24,7 +24,8 @@ def _docstring(name: str) -> str:
         "    Args:\n"
         "        pretrained: load the released weights (downloaded once, verified, cached).\n"
         "        device: 'cpu' (default), 'cuda', 'cuda:N' or 'auto'.\n"
-        "        **kwargs: passed to zoo.get (weights=PATH for a local checkpoint, quiet=True).\n\n"
+        "        **kwargs: passed to zoo.get (weights=PATH for a local checkpoint, quiet=True, score_thresh=0.3,\n"
+        "            min_size=640 and the other test-time settings).\n\n"
         "    Returns the nn.Module in eval mode; model.predict(image) -> zoo.results.Detections.\n"
     )
 

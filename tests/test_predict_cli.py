@@ -1,5 +1,6 @@
 """`zoo predict` run as a real process: pictures, COCO results, and the errors a user meets."""
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from user_support import IMAGES, mirror_with, small_manifest, synth_checkpoint, write_manifest_dir, zoo_cmd
+from user_support import (IMAGES, baseline_state_dict, mirror_with, small_manifest, synth_checkpoint,
+                          write_manifest_dir, zoo_cmd)
 from zoo.results import COCO_CATEGORY_IDS
 
 BASE = "mask_rcnn_R_50_FPN_1x"
@@ -141,6 +143,30 @@ def test_predict_in_bf16(tmp_path, small_env):
                 "--device", "cpu", "--precision", "bf16", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "results.json").read_text()), r.stdout
+
+
+def test_score_thresh_below_the_models_own_lowers_it(tmp_path, small_env):
+    # weights whose box classifier favours background: the best scores fall to about 0.07, most below the
+    # model's own threshold (0.05), so without lowering it --score-thresh 0.02 would find (almost) nothing
+    name, env = small_env
+    state = dict(baseline_state_dict(BASE))
+    key = "roi_heads.box_predictor.cls_score.bias"
+    state[key] = state[key].copy()
+    state[key][-1] += 5.0
+    ckpt = tmp_path / "dim.pkl"
+    with open(ckpt, "wb") as f:
+        pickle.dump({"model": state}, f, protocol=4)
+    scores = {}
+    for t in ("0.05", "0.02"):
+        r = zoo_cmd("predict", name, str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path / t), "--score-thresh",
+                    t, "--device", "cpu", "--weights", str(ckpt), env=env)
+        assert r.returncode == 0, r.stderr
+        scores[t] = sorted((x["score"] for x in json.loads((tmp_path / t / "results.json").read_text())),
+                           reverse=True)
+    assert all(s >= 0.05 for s in scores["0.05"]) and all(s >= 0.02 for s in scores["0.02"])
+    assert sum(s < 0.05 for s in scores["0.02"]) >= 10
+    # above the default threshold, lowering it changes nothing
+    assert [s for s in scores["0.02"] if s >= 0.05] == scores["0.05"]
 
 
 def test_cli_precision_choices_are_the_models():

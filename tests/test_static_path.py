@@ -101,7 +101,7 @@ def test_get_sets_and_checks_the_inference_options():
         zoo.get("faster_rcnn_R_50_FPN_3x", pretrained=False, device="cpu", cuda_graphs=True)
 
 
-def test_graph_key_follows_shape_precision_and_in_place_weight_changes(mask_fpn):
+def test_graph_key_follows_shape_precision_settings_and_in_place_weight_changes(mask_fpn):
     from zoo.modeling.graphs import GraphCache
 
     cache = GraphCache(mask_fpn)
@@ -114,6 +114,11 @@ def test_graph_key_follows_shape_precision_and_in_place_weight_changes(mask_fpn)
     mask_fpn.precision = "bf16"
     assert cache._key(mask_fpn, a) != key
     mask_fpn.precision = "fp32"
+    old = mask_fpn.roi_heads.score_thresh
+    mask_fpn.roi_heads.score_thresh = 0.3  # a setting a capture bakes in
+    assert cache._key(mask_fpn, a) != key
+    mask_fpn.roi_heads.score_thresh = old
+    assert cache._key(mask_fpn, a) == key
     with torch.no_grad():
         mask_fpn.backbone.bottom_up.stem.conv1.norm.running_mean.add_(0)  # an in-place load bumps versions
     assert cache._key(mask_fpn, a) != key

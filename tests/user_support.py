@@ -127,10 +127,7 @@ def small_synthetic_model(name: str, min_size: int = 320, max_size: int = 512):
     import zoo
     from zoo.modeling import build_model, load_weights
 
-    arch = zoo.get_manifest(name).architecture
-    arch = arch.model_copy(update={"input": arch.input.model_copy(update={"min_size_test": min_size,
-                                                                          "max_size_test": max_size})})
-    model = build_model(arch)
+    model = build_model(zoo.get_manifest(name).architecture.with_test_settings(min_size=min_size, max_size=max_size))
     load_weights(model, synth_state_dict(state_dict_keys(name)))
     return model
 

@@ -29,6 +29,23 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+def _with_test_settings(arch, **settings):
+    """arch with the settings given (not None) replaced; a bad value is an InputError naming the keyword."""
+    from pydantic import ValidationError
+
+    from .manifest import TEST_SETTINGS
+
+    try:
+        return arch.with_test_settings(**settings)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = next(k for k, place in TEST_SETTINGS.items() if tuple(err["loc"][:2]) == place)
+        default = arch.test_settings()[key]
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise InputError(f"{key}={settings[key]!r} is not allowed ({err['msg'][0].lower()}{err['msg'][1:]}); "
+                         f"pass {kind} in range, or None for the manifest's {default}") from None
+
+
 def get(
     name: str,
     pretrained: bool = True,
@@ -40,6 +57,11 @@ def get(
     static_shapes: Optional[bool] = None,
     cuda_graphs: bool = False,
     fast_convs: Optional[bool] = None,
+    score_thresh: Optional[float] = None,
+    nms_thresh: Optional[float] = None,
+    detections_per_image: Optional[int] = None,
+    min_size: Optional[int] = None,
+    max_size: Optional[int] = None,
 ) -> torch.nn.Module:
     """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights).
 
@@ -53,16 +75,23 @@ def get(
     conv and batch_norm ops for fp32 on CPU (features bit-identical to Detectron2's), and otherwise folds
     FrozenBN into the convolutions and runs them channels_last; True/False forces one (True is faster on CPU
     too, with last-bit differences that can reorder near-tied scores). All three are attributes of the model.
+
+    Test-time settings (None keeps the manifest's, which are Detectron2's): score_thresh (0.05: boxes must
+    score above it), nms_thresh (per-class NMS IoU, 0.5), detections_per_image (100), min_size / max_size (the
+    resize of the shorter / cap on the longer image side, 800 / 1333). `model.arch` holds the values used;
+    `model.manifest` stays the published record.
     """
     from .hub import fetch, load_checkpoint
     from .modeling import build_model, load_weights
     from .modeling.detector import check_graph_options, check_precision
 
     manifest = get_manifest(name)
+    arch = _with_test_settings(manifest.architecture, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                               detections_per_image=detections_per_image, min_size=min_size, max_size=max_size)
     dev = resolve_device(device)
     check_precision(precision, dev)  # before any download
     check_graph_options(static_shapes, cuda_graphs, dev)
-    model = build_model(manifest.architecture)
+    model = build_model(arch)
     model.manifest = manifest
     if weights is not None:
         path = Path(weights).expanduser()

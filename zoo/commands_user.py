@@ -46,12 +46,12 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def load_model(name: str, weights: Optional[str], device: str, *, synthetic: bool = False,
-               precision: str = "fp32") -> Any:
+               precision: str = "fp32", score_thresh: Optional[float] = None) -> Any:
     """zoo.get for the CLI: a local checkpoint, random weights (synthetic) or the released ones."""
     from .api import get
 
     return get(name, pretrained=weights is None and not synthetic, weights=weights, device=device,
-               precision=precision)
+               precision=precision, score_thresh=score_thresh)
 
 
 def check_precision_for(args: argparse.Namespace) -> None:
@@ -114,8 +114,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out!r} is a file; pass a folder for the pictures and results.json")
     created = not out_dir.exists()
     _make_dir(out_dir, "--out")  # before the slow part
+    # a --score-thresh below the model's own (0.05) must lower that too, or those instances never appear; above
+    # it, filtering the default output gives the same instances, so the model keeps Detectron2's setting
+    lower = args.score_thresh < manifest.architecture.roi_heads.score_thresh_test
     try:
-        model = load_model(args.name, args.weights, args.device, precision=args.precision)
+        model = load_model(args.name, args.weights, args.device, precision=args.precision,
+                           score_thresh=args.score_thresh if lower else None)
     except BaseException:
         if created:  # a failed run leaves no empty folder behind
             with contextlib.suppress(OSError):  # not empty after all: keep it
@@ -267,7 +271,9 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("name", help="model name, e.g. mask_rcnn_R_50_FPN_3x")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances scoring at least this (default 0.5)")
+    p.add_argument("--score-thresh", type=float, default=0.5,
+                   help="keep instances scoring at least this (default 0.5); below the model's own threshold "
+                        "(0.05) it lowers that too")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)

@@ -12,6 +12,17 @@ D2_URL_PREFIX = "https://dl.fbaipublicfiles.com/detectron2/"
 Float4 = tuple[float, float, float, float]
 Float3 = tuple[float, float, float]
 
+# The test-time settings a user may change (zoo.get's keywords) -> the (section, field) of Architecture each
+# one replaces. Detectron2's names: ROI_HEADS.SCORE_THRESH_TEST, ROI_HEADS.NMS_THRESH_TEST,
+# TEST.DETECTIONS_PER_IMAGE, INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST.
+TEST_SETTINGS: dict[str, tuple[str, str]] = {
+    "score_thresh": ("roi_heads", "score_thresh_test"),
+    "nms_thresh": ("roi_heads", "nms_thresh_test"),
+    "detections_per_image": ("roi_heads", "detections_per_image"),
+    "min_size": ("input", "min_size_test"),
+    "max_size": ("input", "max_size_test"),
+}
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -136,6 +147,23 @@ class Architecture(_Frozen):
     @property
     def mask_on(self) -> bool:
         return self.roi_heads.mask_head is not None
+
+    def test_settings(self) -> dict[str, float | int]:
+        """The current values of the TEST_SETTINGS, by their zoo.get names."""
+        return {key: getattr(getattr(self, section), field) for key, (section, field) in TEST_SETTINGS.items()}
+
+    def with_test_settings(self, **settings: float | int | None) -> "Architecture":
+        """A validated copy with some TEST_SETTINGS replaced (None keeps a value). Validation is strict (no
+        bools or strings for numbers, no 2.0 for a count); pydantic's ValidationError names the field."""
+        unknown = set(settings) - set(TEST_SETTINGS)
+        if unknown:
+            raise TypeError(f"unknown test-time setting(s) {sorted(unknown)}; known: {sorted(TEST_SETTINGS)}")
+        data = self.model_dump()
+        for key, value in settings.items():
+            if value is not None:
+                section, field = TEST_SETTINGS[key]
+                data[section][field] = value
+        return Architecture.model_validate(data, strict=True)
 
 
 # ---------------------------------------------------------------- record

@@ -129,6 +129,13 @@ class GeneralizedRCNN(nn.Module):
         state["_graph_cache"] = None
         return state
 
+    def graph_settings(self) -> tuple:
+        """The plain-Python settings of the fixed-shape path, which a CUDA graph capture bakes in as constants
+        (so GraphCache keys graphs by them: a threshold edited after a capture gets a graph of its own)."""
+        rpn, rh = self.proposal_generator, self.roi_heads
+        return (rpn.nms_thresh, rpn.pre_nms_topk, rpn.post_nms_topk, rpn.min_box_size,
+                rh.score_thresh, rh.nms_thresh, rh.detections_per_image, rh.static_nms_capacity)
+
     @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""

@@ -1,13 +1,13 @@
 """CUDA graphs of the fixed-shape inference path, one per input signature.
 
 A graph replays the whole network (run_static + compact_static) as one launch, so the host no
-longer issues hundreds of kernels per image. The padded batch shape and the precision are baked
-into a capture, so graphs are keyed by them and kept in a small LRU cache; the image sizes travel
-as a device tensor (GeneralizedRCNN.size_table), so every image that pads to one shape shares a
-graph. A shape is captured the second time it is seen (a capture costs about three forward passes, which
-inputs of a one-off shape would never earn back; those run eagerly). All graphs share one memory pool.
-That is safe because replays never overlap and callers copy a replay's outputs (GeneralizedRCNN.detect
-clones them) before the next replay may reuse the pool.
+longer issues hundreds of kernels per image. The padded batch shape, the precision and the test-time
+settings (thresholds, top-k) are baked into a capture, so graphs are keyed by them and kept in a small
+LRU cache; the image sizes travel as a device tensor (GeneralizedRCNN.size_table), so every image that
+pads to one shape shares a graph. A shape is captured the second time it is seen (a capture costs
+about three forward passes, which inputs of a one-off shape would never earn back; those run eagerly).
+All graphs share one memory pool. That is safe because replays never overlap and callers copy a replay's
+outputs (GeneralizedRCNN.detect clones them) before the next replay may reuse the pool.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ class GraphCache:
         t = batch.tensor
         # tensor versions: weights changed in place after a capture must not replay stale folded copies
         weights = tuple(v._version for v in self._tensors)
-        return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""), weights)
+        return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""),
+                model.graph_settings(), weights)
 
     def run(self, model, batch) -> InstanceBatch:
         """Compacted fixed-shape detections for `batch`, replayed from a graph (captured on the

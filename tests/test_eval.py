@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from user_support import IMAGES, fixture_record, synth_checkpoint, zoo_cmd
+from user_support import IMAGES, fixture_record, small_synthetic_model, synth_checkpoint, zoo_cmd
 from zoo.errors import InputError, ZooError
 from zoo.evaluation import evaluate, format_report, load_annotations, require_pycocotools
 from zoo.registry import get_manifest
@@ -134,6 +134,30 @@ def test_cli_eval_with_the_same_synthetic_weights_scores_near_100(tmp_path, tmp_
     assert r.returncode == 0, r.stderr
     aps16 = {t: float(v) for t, v in re.findall(r"^(bbox|segm) AP ([\d.]+)   published", r.stdout, re.M)}
     assert 80 <= aps16["bbox"] <= 100 and 80 <= aps16["segm"] <= 100, r.stdout  # measured: 94.1 and 91.8
+
+
+def test_a_zoo_model_is_streamed_and_its_batch_size_changes_nothing(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    model = small_synthetic_model(MODEL)
+    calls = []
+    stream = model.predict_iter
+    model.predict_iter = lambda paths, **kw: (calls.append(kw), stream(paths, **kw))[1]
+    try:
+        one = evaluate(model, ann, images, quiet=True)
+        two = evaluate(model, ann, images, quiet=True, batch_size=2)
+    finally:
+        del model.predict_iter
+    assert calls == [{"batch_size": 1}, {"batch_size": 2}]
+    assert one.results and one.results == two.results and one.stats == two.stats
+
+
+def test_cli_eval_refuses_a_bad_batch_before_anything(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    out = tmp_path / "out" / "results.json"
+    r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--out", str(out),
+                "--batch", "0", env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "c")})
+    assert r.returncode == 1 and r.stderr.startswith("zoo: error: --batch must be at least 1"), r.stderr
+    assert not out.parent.exists()
 
 
 def test_cli_eval_refuses_fp16_on_cpu_before_anything(tmp_path):

@@ -71,6 +71,29 @@ def test_predict_folder_writes_pictures_and_coco_results(tmp_path, small_env):
     assert "wrote 2 pictures and results.json" in r.stdout
 
 
+def test_predict_batch_changes_no_result(tmp_path, small_env):
+    name, env = small_env
+    images = [str(IMAGES / f) for f in ("grace_hopper.png", "scene_427x640.png", "grace_hopper.png")]
+    results = {}
+    for batch in ("1", "2"):
+        out = tmp_path / batch
+        r = zoo_cmd("predict", name, *images, "--out", str(out), "--score-thresh", "0.3", "--device", "cpu",
+                    "--batch", batch, env=env)
+        assert r.returncode == 0, r.stderr
+        results[batch] = json.loads((out / "results.json").read_text())
+        assert sorted(p.name for p in out.iterdir()) == ["grace_hopper.png", "grace_hopper_1.png", "results.json",
+                                                        "scene_427x640.png"]
+    # the same detections; a batched convolution may round differently in the last bits
+    one, two = results["1"], results["2"]
+    assert one and [(x["image_id"], x["category_id"]) for x in one] == [(x["image_id"], x["category_id"]) for x in two]
+    np.testing.assert_allclose([x["bbox"] for x in one], [x["bbox"] for x in two], rtol=0, atol=1e-3)
+    np.testing.assert_allclose([x["score"] for x in one], [x["score"] for x in two], rtol=0, atol=1e-5)
+    assert {1, 3} <= {x["image_id"] for x in two} <= {1, 2, 3}
+    r = zoo_cmd("predict", name, *images, "--out", str(tmp_path / "0"), "--batch", "0", env=env)
+    assert_one_line_error(r, "--batch must be at least 1")
+    assert not (tmp_path / "0").exists()
+
+
 def test_unknown_model_suggests_close_names(tmp_path):
     r = zoo_cmd("predict", "mask_rcnn_R50_FPN_3x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path))
     assert_one_line_error(r, "unknown model", "did you mean", "mask_rcnn_R_50_FPN_3x")

@@ -62,6 +62,11 @@ def check_precision_for(args: argparse.Namespace) -> None:
     check_precision(args.precision, resolve_device(args.device))
 
 
+def check_batch(args: argparse.Namespace) -> None:
+    if args.batch < 1:
+        raise InputError(f"--batch must be at least 1, got {args.batch}")
+
+
 def _output_names(paths: Sequence[Path]) -> list[str]:
     # Same stem twice (a.jpg and a.png, or two folders): number the later ones so no picture is overwritten.
     used: set[str] = set()
@@ -102,6 +107,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.score_thresh <= 1.0:
         raise InputError(f"--score-thresh must be between 0 and 1, got {args.score_thresh}")
+    check_batch(args)
     manifest = get_manifest(args.name)
     paths = collect_images(args.images)
     check_precision_for(args)
@@ -128,10 +134,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     records: list[dict] = []
     names = _output_names(paths)
-    bar = tqdm(list(zip(paths, names)), desc="predict", unit="im", disable=_is_quiet(None) or len(paths) < 2)
-    for image_id, (path, out_name) in enumerate(bar, start=1):
+    # images are read ahead on threads while the network runs; drawing reads each one again
+    stream = zip(paths, names, model.predict_iter(paths, batch_size=args.batch))
+    bar = tqdm(stream, total=len(paths), desc="predict", unit="im", disable=_is_quiet(None) or len(paths) < 2)
+    for image_id, (path, out_name, det) in enumerate(bar, start=1):
         rgb = to_rgb_array(path)
-        det = model.predict(rgb).filter(args.score_thresh)
+        det = det.filter(args.score_thresh)
         draw(rgb, det, score_thresh=args.score_thresh).save(out_dir / out_name)
         for rec in det.to_coco(image_id):
             rec["file_name"] = path.name
@@ -150,6 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require_pycocotools()
     manifest = get_manifest(args.name)
+    check_batch(args)
     check_precision_for(args)
     out = Path(args.out).expanduser()
     if out.is_dir():
@@ -157,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
     coco = load_annotations(args.annotations)  # a bad file fails before the model loads
     model = load_model(args.name, args.weights, args.device, precision=args.precision)
-    result = evaluate(model, coco, args.images, limit=args.limit)
+    result = evaluate(model, coco, args.images, limit=args.limit, batch_size=args.batch)
     try:
         write_json_atomic(out, result.results, indent=None)  # a crash never leaves half a file
     except OSError as e:
@@ -266,6 +275,8 @@ def add_user_commands(sub: Any) -> None:
     device_help = "auto (CUDA when present), cpu or cuda[:N]"
     precision_help = ("network precision: fp32 (default, exact), bf16 (CPU or CUDA) or fp16 (CUDA); the reduced "
                       "ones run faster on hardware made for them and are not parity-exact")
+    batch_help = ("images per forward pass (default 1); a batch holds images of one padded shape, so results "
+                  "match batch 1 up to float rounding")
 
     p = sub.add_parser("predict", help="detect objects in images; write annotated pictures and COCO results")
     p.add_argument("name", help="model name, e.g. mask_rcnn_R_50_FPN_3x")
@@ -277,6 +288,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
+    p.add_argument("--batch", type=int, default=1, help=batch_help)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO AP of a model on a COCO-format dataset (needs pycocotools)")
@@ -288,6 +300,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--out", default="results.json", help="where to save the COCO results (default: ./results.json)")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
+    p.add_argument("--batch", type=int, default=1, help=batch_help)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="inference speed and peak memory, beside the published V100 time")

@@ -98,8 +98,11 @@ def score_results(coco_gt: Any, results: list[dict], iou_type: str, image_ids: l
 
 
 def evaluate(model: Any, annotations: Union[str, os.PathLike, Any], images: Union[str, os.PathLike], *,
-             limit: Optional[int] = None, quiet: Optional[bool] = None) -> EvalResult:
-    """Run `model.predict` on the dataset's images and score bbox (and segm for mask models) with COCOeval."""
+             limit: Optional[int] = None, quiet: Optional[bool] = None, batch_size: int = 1) -> EvalResult:
+    """Run the model on the dataset's images and score bbox (and segm for mask models) with COCOeval.
+
+    A zoo model streams them (`predict_iter`: images read ahead on threads, `batch_size` per forward); any
+    other object with `predict(path) -> Detections` is called once per image."""
     from tqdm import tqdm
 
     from .hub.download import _is_quiet
@@ -109,8 +112,13 @@ def evaluate(model: Any, annotations: Union[str, os.PathLike, Any], images: Unio
     todo = _image_paths(coco, Path(images).expanduser(), limit)
     results: list[dict] = []
     has_masks = False
-    for image_id, path in tqdm(todo, desc="eval", unit="im", disable=_is_quiet(quiet)):
-        det = model.predict(path)
+    paths = [p for _, p in todo]
+    if hasattr(model, "predict_iter"):
+        dets = model.predict_iter(paths, batch_size=batch_size)
+    else:
+        dets = (model.predict(p) for p in paths)
+    for (image_id, _), det in tqdm(zip(todo, dets), total=len(todo), desc="eval", unit="im",
+                                   disable=_is_quiet(quiet)):
         has_masks = has_masks or det.masks is not None
         results.extend(det.to_coco(image_id))
     ids = [i for i, _ in todo]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,14 @@ def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device
         raise InputError("cuda_graphs needs a CUDA device; leave it off on CPU")
     if cuda_graphs and static_shapes is False:
         raise InputError("cuda_graphs replays the fixed-shape path; use static_shapes=True or None with it")
+
+
+class PreparedImage(NamedTuple):
+    """One image after the host-side preprocessing (GeneralizedRCNN.prepare)."""
+
+    tensor: torch.Tensor  # [3, h, w] uint8, resized, in the network's channel order, on the CPU
+    size: tuple[int, int]  # resized (h, w)
+    original_size: tuple[int, int]  # (h, w) of the input
 
 
 @dataclass
@@ -142,22 +150,26 @@ class GeneralizedRCNN(nn.Module):
         return self.pixel_mean.device
 
     # ------------------------------------------------------------------ preprocessing
+    def prepare(self, image: Any) -> PreparedImage:
+        """The host-side part of preprocessing for one image (path, PIL image or HxWx3 uint8 RGB array): decode,
+        resize, channel order. Safe to run on other threads (predict_iter's readers do)."""
+        rgb = to_rgb_array(image)
+        h, w = rgb.shape[:2]
+        new = resized_size(h, w, self.min_size_test, self.max_size_test)
+        arr = resize_uint8(rgb, new)
+        if self.input_format == "BGR":
+            arr = arr[:, :, ::-1]
+        return PreparedImage(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), new, (h, w))
+
+    def collate(self, prepared: Sequence[PreparedImage]) -> ImageBatch:
+        """Prepared images -> normalised, zero-padded batch on the model's device."""
+        tensors = [p.tensor.to(self.device, non_blocking=True) for p in prepared]
+        batch = normalize_and_pad(tensors, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        return ImageBatch(batch, [p.size for p in prepared], [p.original_size for p in prepared])
+
     def preprocess(self, images: Sequence[Any]) -> ImageBatch:
         """Images (paths, PIL images, HxWx3 uint8 RGB arrays) -> normalised, padded batch on the model's device."""
-        tensors, sizes, orig = [], [], []
-        for im in images:
-            rgb = to_rgb_array(im)
-            h, w = rgb.shape[:2]
-            new = resized_size(h, w, self.min_size_test, self.max_size_test)
-            arr = resize_uint8(rgb, new)
-            if self.input_format == "BGR":
-                arr = arr[:, :, ::-1]
-            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            tensors.append(t.to(self.device, non_blocking=True))
-            sizes.append(new)
-            orig.append((h, w))
-        batch = normalize_and_pad(tensors, self.pixel_mean, self.pixel_std, self.size_divisibility)
-        return ImageBatch(batch, sizes, orig)
+        return self.collate([self.prepare(im) for im in images])
 
     # ------------------------------------------------------------------ network
     def forward(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[RawInstances]:
@@ -324,40 +336,65 @@ class GeneralizedRCNN(nn.Module):
         image alone (a wider zero padding changes the convolutions near the border); same-sized inputs are
         one forward. exact=False batches in input order whatever the sizes (Detectron2's batched
         semantics: fewer forwards, but smaller images' results can differ from single-image ones).
+        For many images, predict_iter streams them with bounded memory.
         """
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise InputError("predict got an empty list; pass an image or a non-empty list of images")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise InputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        from ..results import Detections
+        _check_positive("batch_size", batch_size, allow_none=True)
+        dets = list(self.predict_iter(images, batch_size=batch_size or len(images), exact=exact,
+                                      window=len(images), workers=0 if single else 2))
+        return dets[0] if single else dets
 
+    def predict_iter(self, images: Iterable[Any], *, batch_size: int = 1, exact: bool = True, workers: int = 2,
+                     window: Optional[int] = None) -> Iterator[Any]:
+        """Detections for each of `images` (any iterable: a list, a generator of paths), yielded in input order.
+
+        Made for large image sets: `workers` threads read and resize images ahead while the network runs
+        (0: no threads), and at most about `window` images (default 4 x batch_size) are held at a time, so
+        memory stays bounded however many images come. Forwards hold up to `batch_size` images, grouped as
+        `predict` groups them (exact=True: one padded shape per forward, so each result equals predicting that
+        image alone); a group that has not filled up by the time `window` images wait runs partly full.
+        An unreadable image raises its error when its turn comes.
+        """
+        from .streaming import group_batches, in_input_order, read_ahead
+
+        _check_positive("batch_size", batch_size)
+        _check_positive("workers", workers, allow_zero=True)
+        window = 4 * batch_size if window is None else window
+        _check_positive("window", window)
         if self.training:
             self.eval()
-        if len(images) > 1:
-            images = [to_rgb_array(im) for im in images]  # decode once; sizes decide the groups
-        groups: dict[Any, list[int]] = {}
-        for i, im in enumerate(images):
-            key = 0
-            if exact and len(images) > 1:
-                h, w = im.shape[:2]
-                key = padded_size(*resized_size(h, w, self.min_size_test, self.max_size_test), self.size_divisibility)
-            groups.setdefault(key, []).append(i)
-        step = batch_size or len(images)
-        dets: list[Any] = [None] * len(images)
-        with torch.inference_mode():
-            for idx in groups.values():
-                for s in range(0, len(idx), step):
-                    part = idx[s:s + step]
-                    batch = self.preprocess([images[i] for i in part])
-                    for i, d in zip(part, self.detect(batch)):
-                        dets[i] = d
-        # plain tensors, so callers may modify results in place outside inference mode
-        dets = [Detections(d.boxes.clone(), d.scores.clone(), d.labels.clone(),
-                           None if d.masks is None else d.masks.clone(), d.image_size) for d in dets]
-        return dets[0] if single else dets
+
+        def key(p: PreparedImage) -> Any:
+            return padded_size(*p.size, self.size_divisibility) if exact else 0
+
+        reads = read_ahead(images, self.prepare, workers, depth=max(window, workers))
+        try:
+            yield from in_input_order(self._run_batches(group_batches(reads, key, batch_size, window)))
+        finally:
+            reads.close()  # stop the reader threads when the caller stops early
+
+    def _run_batches(self, batches: Iterable[list[tuple[int, PreparedImage]]]) -> Iterator[tuple[int, Any]]:
+        from ..results import Detections
+
+        for batch in batches:
+            with torch.inference_mode():  # only around the network: predict_iter's caller runs between yields
+                dets = self.detect(self.collate([p for _, p in batch]))
+            for (i, _), d in zip(batch, dets):
+                # plain tensors (cloned outside inference mode), so callers may modify results in place
+                yield i, Detections(d.boxes.clone(), d.scores.clone(), d.labels.clone(),
+                                    None if d.masks is None else d.masks.clone(), d.image_size)
+
+
+def _check_positive(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    least = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        what = "a non-negative integer" if allow_zero else "a positive integer"
+        raise InputError(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def build_model(arch: Architecture) -> GeneralizedRCNN:

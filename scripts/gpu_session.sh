@@ -2,8 +2,8 @@
 # One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
 #   bash scripts/gpu_session.sh            # logs and tables land in $OUT (or ./gpu_out)
-# Every step has its own timeout so the whole script ends within about 9 minutes (515 s of steps); a failing step does not
-# stop the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
+# Every step has its own timeout so the whole script ends within about 9.5 minutes (545 s of steps); a failing step does
+# not stop the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -12,12 +12,12 @@ PY=${PY:-python3}
 summary="$OUT/summary.log"
 : > "$summary"
 
-step() {  # step NAME SECONDS CMD...: run CMD under timeout, tee into $OUT/NAME.log, record its status
+step() {  # [LOG=FILE] step NAME SECONDS CMD...: run CMD under timeout, tee into $OUT/${LOG:-NAME}.log, record its status
   local name=$1 secs=$2
   shift 2
   echo "=== $name (timeout ${secs}s): $*" | tee -a "$summary"
   local t0=$SECONDS
-  timeout -k 10 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout -k 10 "$secs" "$@" 2>&1 | tee -a "$OUT/${LOG:-$name}.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$summary"
 }
@@ -33,16 +33,18 @@ fi
 $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())" \
   | tee -a "$summary"
 
-# Most important first: a step that runs out of time only loses what comes after it. One log per step plus
-# summary.log: 8 files, the most the device tool brings back.
+# Most important first: a step that runs out of time only loses what comes after it. One log per step (the last
+# two share one) plus summary.log: 8 files, the most the device tool brings back.
 # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
 step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py
 step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py
 step bench_kernels 45 $PY scripts/bench_kernels.py
 step bench_e2e 180 $PY scripts/bench_e2e.py --device cuda --warmup 5
-step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10
 # parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
 step parity_cuda 100 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
 step tests_model_cuda 30 $PY -m pytest -q --timeout 25 -p no:cacheprovider -k cuda \
   tests/test_modeling_components.py tests/test_precision_batching.py
+# where the time goes; then images/s from JPEG files: predict loop vs predict_iter (reader threads, batches)
+LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10
+LOG=extras step bench_stream 30 $PY scripts/bench_stream.py --count 48
 cat "$summary"

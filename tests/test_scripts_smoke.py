@@ -49,6 +49,15 @@ def test_bench_e2e_on_cpu(tmp_path):
     assert f"{MODEL} fp32+graphs: skipped (needs CUDA)" in text
 
 
+def test_bench_stream_on_cpu():
+    res = run_script("scripts/bench_stream.py", "--quick", "--device", "cpu", "--model", MODEL)
+    assert float(table_row(res.stdout, "loop", "fp32")[-1]) == 1.0  # the loop is the baseline of the last column
+    for label, precision in (("stream b1", "fp32"), ("stream b2", "fp32"), ("stream b2", "bf16")):
+        cells = table_row(res.stdout, label, precision)
+        assert float(cells[2]) > 0 and float(cells[3]) > 0  # images/s, ms/image
+    assert "host prep (decode + resize, one thread):" in res.stdout
+
+
 def test_profile_e2e_on_cpu():
     res = run_script("scripts/profile_e2e.py", "--device", "cpu", "--model", MODEL, "--iters", "1", "--rows", "5")
     assert "ms/image" in res.stdout and "Self CPU" in res.stdout

@@ -62,6 +62,9 @@ def test_show():
     r = zoo_cmd("show", "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml")
     assert r.returncode == 0, r.stderr
     assert "ResNeXt-101 32x8d-FPN" in r.stdout and "139173657" in r.stdout and "43.0" in r.stdout
+    # the zoo.get keywords that change them, with Detectron2's values
+    assert ("test settings    score_thresh=0.05, nms_thresh=0.5, detections_per_image=100, min_size=800, "
+            "max_size=1333") in r.stdout
     j = json.loads(zoo_cmd("show", "mask_rcnn_R_50_C4_1x", "--format", "json").stdout)
     assert j["architecture"]["roi_heads"]["name"] == "Res5ROIHeads"
 

@@ -91,6 +91,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"{m.name}  ({m.task}, {m.dataset})",
         f"  config           {m.config}",
         f"  architecture     {a.meta_architecture}, {backbone}-{a.layout}, {a.roi_heads.name}",
+        "  test settings    " + ", ".join(f"{k}={v}" for k, v in a.test_settings().items()),
         f"  lr schedule      {m.lr_schedule.name} ({m.lr_schedule.max_iter} iterations)",
         f"  train time       {s['train_time_s_per_iter']:.3f} s/iter",
         f"  inference time   {s['inference_time_s_per_im']:.3f} s/im",

@@ -60,11 +60,20 @@ class Detections:
         masks = None if self.masks is None else self.masks.to(device)
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), masks, self.image_size)
 
+    def __getitem__(self, index) -> "Detections":
+        """The instances picked by an int, a slice, a bool mask or an index tensor, as Detections (an int gives one
+        instance, as Detectron2's Instances do): `det[:10]` (the 10 best), `det[det.labels == 0]` (people)."""
+        if isinstance(index, int):
+            n = len(self)
+            if not -n <= index < n:
+                raise IndexError(f"instance {index} asked for, but there are {n}")
+            index = slice(index % n, index % n + 1)
+        masks = None if self.masks is None else self.masks[index]
+        return Detections(self.boxes[index], self.scores[index], self.labels[index], masks, self.image_size)
+
     def filter(self, score_thresh: float) -> "Detections":
         """Only instances scoring at least `score_thresh`."""
-        keep = self.scores >= score_thresh
-        masks = None if self.masks is None else self.masks[keep]
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], masks, self.image_size)
+        return self[self.scores >= score_thresh]
 
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO results records: category ids mapped, XYWH boxes, RLE masks (needs pycocotools)."""

@@ -4,6 +4,7 @@ Faster R-CNN R50-FPN at a 320-pixel test size keeps each forward well under a se
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -164,3 +165,13 @@ def test_cuda_precision_matches_cpu_fp32(model, precision):
         model.to("cpu")
     for d in two:
         assert _matched(one, d) >= MIN_MATCHED
+
+
+def test_cast_weights_get_a_clear_error(model):
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(InputError, match=r"weights are torch.bfloat16.*call model.float\(\), then set "
+                                         r"model.precision = 'bf16'"):
+        m.predict(_crops()[0])
+    m.float()  # back to float32 weights, the precision switch does the rest
+    m.precision = "bf16"
+    assert len(m.predict(_crops()[0])) > 0

@@ -163,6 +163,11 @@ class GeneralizedRCNN(nn.Module):
 
     def collate(self, prepared: Sequence[PreparedImage]) -> ImageBatch:
         """Prepared images -> normalised, zero-padded batch on the model's device."""
+        dtype = next(self.parameters()).dtype
+        if dtype != torch.float32:  # e.g. after model.half(): the convolutions would fail on float32 images
+            name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "bf16")
+            raise InputError(f"the model's weights are {dtype}, but zoo keeps them float32 and runs reduced "
+                             f"precision under autocast: call model.float(), then set model.precision = '{name}'")
         tensors = [p.tensor.to(self.device, non_blocking=True) for p in prepared]
         batch = normalize_and_pad(tensors, self.pixel_mean, self.pixel_std, self.size_divisibility)
         return ImageBatch(batch, [p.size for p in prepared], [p.original_size for p in prepared])

@@ -124,27 +124,3 @@ def test_detections_repr_is_a_summary():
     assert "7 instances" in r and "person 0.90" in r and "car 0.80" in r and "(2 more)" in r and "(7, 240, 320)" in r
     assert "0 instances" in repr(_dets(torch.zeros(0, 4).tolist(), [], []))
 
-
-def test_detections_index_like_detectron2_instances():
-    masks = torch.zeros(4, 240, 320, dtype=torch.bool)
-    for i in range(4):
-        masks[i, i] = True  # mask i marks row i, so the picked masks can be told apart
-    d = _dets([[i, i, 10 + i, 10 + i] for i in range(4)], [0.9, 0.8, 0.4, 0.3], [0, 2, 0, 5], masks=masks)
-    top = d[:2]
-    assert isinstance(top, Detections) and len(top) == 2 and top.image_size == d.image_size
-    assert top.class_names == ["person", "car"] and torch.equal(top.masks, masks[:2])
-    people = d[d.labels == 0]
-    assert people.scores.tolist() == pytest.approx([0.9, 0.4]) and torch.equal(people.boxes, d.boxes[[0, 2]])
-    assert torch.equal(people.masks, masks[[0, 2]])
-    one, last = d[1], d[-1]
-    assert len(one) == 1 and one.class_names == ["car"] and one.masks.shape == (1, 240, 320)
-    assert len(last) == 1 and last.labels.tolist() == [5] and torch.equal(last.masks, masks[3:])
-    assert len(d[torch.tensor([3, 0])]) == 2 and d[torch.tensor([3, 0])].labels.tolist() == [5, 0]
-    kept = d.filter(0.4)  # at least 0.4
-    assert kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.4]) and kept.masks.shape[0] == 3
-    no_masks = _dets([[0, 0, 1, 1]], [0.5], [1])
-    assert no_masks[0].masks is None and len(no_masks[1:]) == 0
-    with pytest.raises(IndexError, match="instance 4 asked for, but there are 4"):
-        d[4]
-    with pytest.raises(IndexError):
-        d[-5]

@@ -96,16 +96,54 @@ class Detections:
 
 
 def _encode_masks(masks: torch.Tensor) -> list[dict]:
+    """COCO RLE of each [H, W] mask, exactly as pycocotools.mask.encode gives it (counts as ASCII).
+
+    Built from each mask's bounding crop: only the crops leave the device, and the full-image transposes that
+    encode needs (its input is column-major) are skipped, which made them most of the time for 100 masks.
+    """
     try:
         from pycocotools import mask as mask_util
     except ImportError:  # pragma: no cover - depends on the environment
         from .errors import ZooError
 
         raise ZooError("mask export needs pycocotools; reinstall it with: pip install pycocotools") from None
-    if masks.shape[0] == 0:
+    n, h, w = masks.shape
+    if n == 0:
         return []
-    arr = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
-    rles = mask_util.encode(arr)
+    masks = masks.detach().bool()
+    # which rows / columns each mask touches ([N, H], [N, W]); amax over uint8 is ~10x faster than any on CPU
+    rows = masks.view(torch.uint8).amax(dim=2).cpu().numpy()
+    cols = masks.view(torch.uint8).amax(dim=1).cpu().numpy()
+    objs = []
+    for i in range(n):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if ys.size == 0:
+            objs.append({"size": [h, w], "counts": [h * w]})
+            continue
+        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+        crop = masks[i, y0:y1, x0:x1].cpu().numpy()
+        objs.append({"size": [h, w], "counts": _rle_counts(crop, y0, x0, h, w)})
+    rles = mask_util.frPyObjects(objs, h, w)
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
     return rles
+
+
+def _rle_counts(crop: np.ndarray, y0: int, x0: int, h: int, w: int) -> list[int]:
+    """Uncompressed COCO RLE counts (column-major runs, zeros first) of an h x w mask that is zero outside
+    `crop`, a bool array placed at row y0, column x0."""
+    padded = np.zeros((crop.shape[0] + 2, crop.shape[1]), np.int8)
+    padded[1:-1] = crop
+    steps = np.diff(padded, axis=0).T  # [crop w, crop h + 1]: nonzero where a run of ones starts or ends
+    cols, rows = np.nonzero(steps)  # in column-major order, so the edges below come sorted
+    edges = (x0 + cols) * h + y0 + rows
+    if crop.shape[0] == h:  # a run ending at a column's bottom and one starting at the next top are one run
+        same = edges[1:] == edges[:-1]
+        keep = np.ones(len(edges), bool)
+        keep[1:][same] = False
+        keep[:-1][same] = False
+        edges = edges[keep]
+    counts = np.diff(edges, prepend=0, append=h * w).tolist()
+    if counts[-1] == 0:  # the last pixel is set: encode ends with its run of ones
+        counts.pop()
+    return counts

@@ -155,3 +155,17 @@ def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
     with pytest.raises(InputError, match="MAX_IMAGE_PIXELS"):
         to_rgb_array(path)
+
+
+def test_one_lazily_loaded_pil_image_from_many_reader_threads(tmp_path):
+    # predict([im, im]) hands the same PIL image to predict_iter's reader threads; PIL's first load of a file
+    # is not thread-safe (unguarded, most of these rounds failed with "image file is truncated")
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "photo.jpg"
+    Image.open(Path(__file__).parent / "fixtures" / "images" / "grace_hopper.png").convert("RGB").save(path)
+    ref = to_rgb_array(path)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(40):
+            im = Image.open(path)  # lazily loaded: nothing decoded yet
+            assert all(np.array_equal(a, ref) for a in pool.map(to_rgb_array, [im] * 4))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -13,6 +14,7 @@ from PIL import Image, ImageOps
 from ..errors import InputError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+_PIL_INPUT_LOCK = threading.Lock()
 
 
 def _pil_rgb(im: Image.Image) -> np.ndarray:
@@ -47,7 +49,10 @@ def to_rgb_array(image: Any) -> np.ndarray:
             raise InputError(f"cannot read {str(path)!r} as an image ({type(e).__name__}"
                              f"{': ' + detail if detail else ''}); pass a complete PNG/JPEG/BMP/WebP file") from None
     if isinstance(image, Image.Image):
-        return _pil_rgb(image)
+        # a caller's PIL image may be lazily loaded and passed more than once (predict([im, im])): its first load
+        # reads the file, which is not safe from two reader threads at a time
+        with _PIL_INPUT_LOCK:
+            return _pil_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise InputError(f"image array has dtype {image.dtype}; pass uint8 RGB values in 0..255 "

@@ -175,6 +175,6 @@ def test_predict_iter_reports_a_bad_image_when_its_turn_comes(model, tmp_path):
     ({"window": 0}, "window must be a positive integer"),
     ({"batch_size": 2.0}, "batch_size must be a positive integer"),
 ])
-def test_predict_iter_checks_its_arguments(model, kwargs, needle):
+def test_predict_iter_checks_its_arguments_at_the_call(model, kwargs, needle):
     with pytest.raises(InputError, match=needle):
-        next(model.predict_iter(_images(), **kwargs))
+        model.predict_iter(_images(), **kwargs)

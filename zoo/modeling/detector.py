@@ -361,16 +361,19 @@ class GeneralizedRCNN(nn.Module):
         memory stays bounded however many images come. Forwards hold up to `batch_size` images, grouped as
         `predict` groups them (exact=True: one padded shape per forward, so each result equals predicting that
         image alone); a group that has not filled up by the time `window` images wait runs partly full.
-        An unreadable image raises its error when its turn comes.
+        An unreadable image raises its error when its turn comes; bad arguments raise at the call.
         """
-        from .streaming import group_batches, in_input_order, read_ahead
-
         _check_positive("batch_size", batch_size)
         _check_positive("workers", workers, allow_zero=True)
         window = 4 * batch_size if window is None else window
         _check_positive("window", window)
         if self.training:
             self.eval()
+        return self._stream(images, batch_size, exact, workers, window)
+
+    def _stream(self, images: Iterable[Any], batch_size: int, exact: bool, workers: int,
+                window: int) -> Iterator[Any]:
+        from .streaming import group_batches, in_input_order, read_ahead
 
         def key(p: PreparedImage) -> Any:
             return padded_size(*p.size, self.size_divisibility) if exact else 0

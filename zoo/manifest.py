@@ -158,11 +158,13 @@ class Architecture(_Frozen):
         unknown = set(settings) - set(TEST_SETTINGS)
         if unknown:
             raise TypeError(f"unknown test-time setting(s) {sorted(unknown)}; known: {sorted(TEST_SETTINGS)}")
+        given = {k: v for k, v in settings.items() if v is not None}
+        if not given:
+            return self
         data = self.model_dump()
-        for key, value in settings.items():
-            if value is not None:
-                section, field = TEST_SETTINGS[key]
-                data[section][field] = value
+        for key, value in given.items():
+            section, field = TEST_SETTINGS[key]
+            data[section][field] = value
         return Architecture.model_validate(data, strict=True)
 
 

@@ -438,6 +438,21 @@ def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
 
 
 @cuda
+def test_cuda_predict_iter_gives_predicts_results():
+    # the streaming path (reader threads, shape batches) on CUDA, eager and from graphs
+    m = small_synthetic_model("mask_rcnn_R_50_FPN_3x").cuda()
+    images = [_image("grace_hopper"), _image("scene_427x640"), _image("grace_hopper")[:, ::-1].copy()]
+    for graphs in (False, True):
+        m.cuda_graphs = graphs
+        want = m.predict(images, batch_size=2)  # the same batches: both grace_hopper shapes, then the scene
+        for _ in range(2):  # with graphs: the first pass captures, the second replays
+            got = list(m.predict_iter(images, batch_size=2))
+            for w, g in zip(want, got):
+                _assert_same(w, g)
+    m.cuda_graphs = False
+
+
+@cuda
 def test_cuda_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
     # the torch NMS reads values on the host, which a capture cannot hold: run eagerly instead
     monkeypatch.setenv("ZOO_OPS", "torch")

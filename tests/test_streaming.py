@@ -178,3 +178,20 @@ def test_predict_iter_reports_a_bad_image_when_its_turn_comes(model, tmp_path):
 def test_predict_iter_checks_its_arguments_at_the_call(model, kwargs, needle):
     with pytest.raises(InputError, match=needle):
         model.predict_iter(_images(), **kwargs)
+
+
+def test_predict_iter_copes_with_a_caller_that_reuses_one_array(model):
+    # a video reader may fill one buffer again and again; images are taken ahead of the network, so each must
+    # be read before the buffer changes
+    g = _images()[0]
+    frames = [g, g[:, ::-1], g[::-1]]  # one shape, three pictures
+    buffer = np.empty_like(g)
+
+    def reader():
+        for f in frames:
+            buffer[...] = f
+            yield buffer
+
+    got = list(model.predict_iter(reader(), window=3, workers=2))
+    for f, d in zip(frames, got):
+        _same(model.predict(f), d)

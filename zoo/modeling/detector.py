@@ -348,8 +348,11 @@ class GeneralizedRCNN(nn.Module):
         if not images:
             raise InputError("predict got an empty list; pass an image or a non-empty list of images")
         _check_positive("batch_size", batch_size, allow_none=True)
-        dets = list(self.predict_iter(images, batch_size=batch_size or len(images), exact=exact,
-                                      window=len(images), workers=0 if single else 2))
+        if self.training:
+            self.eval()
+        # the list holds every image already: no window, and no copies of arrays (nothing reuses them meanwhile)
+        dets = list(self._stream(images, batch_size or len(images), exact, workers=0 if single else 2,
+                                 window=len(images), copy_arrays=False))
         return dets[0] if single else dets
 
     def predict_iter(self, images: Iterable[Any], *, batch_size: int = 1, exact: bool = True, workers: int = 2,
@@ -361,6 +364,7 @@ class GeneralizedRCNN(nn.Module):
         memory stays bounded however many images come. Forwards hold up to `batch_size` images, grouped as
         `predict` groups them (exact=True: one padded shape per forward, so each result equals predicting that
         image alone); a group that has not filled up by the time `window` images wait runs partly full.
+        Arrays are copied as they are taken, so a source that refills one buffer (a video reader) is safe.
         An unreadable image raises its error when its turn comes; bad arguments raise at the call.
         """
         _check_positive("batch_size", batch_size)
@@ -369,15 +373,17 @@ class GeneralizedRCNN(nn.Module):
         _check_positive("window", window)
         if self.training:
             self.eval()
-        return self._stream(images, batch_size, exact, workers, window)
+        return self._stream(images, batch_size, exact, workers, window, copy_arrays=True)
 
-    def _stream(self, images: Iterable[Any], batch_size: int, exact: bool, workers: int,
-                window: int) -> Iterator[Any]:
+    def _stream(self, images: Iterable[Any], batch_size: int, exact: bool, workers: int, window: int,
+                copy_arrays: bool) -> Iterator[Any]:
         from .streaming import group_batches, in_input_order, read_ahead
 
         def key(p: PreparedImage) -> Any:
             return padded_size(*p.size, self.size_divisibility) if exact else 0
 
+        if workers and copy_arrays:  # a reader thread reads an array later: copy it now, the caller may reuse it
+            images = (np.array(im) if isinstance(im, np.ndarray) else im for im in images)
         reads = read_ahead(images, self.prepare, workers, depth=max(window, workers))
         try:
             yield from in_input_order(self._run_batches(group_batches(reads, key, batch_size, window)))

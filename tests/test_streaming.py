@@ -148,6 +148,11 @@ def test_predict_iter_equals_predicting_each_image_alone(model):
         assert not d.boxes.is_inference()  # plain tensors, as predict returns
 
 
+def test_predict_iter_over_nothing_yields_nothing(model):
+    assert list(model.predict_iter([])) == [] and list(model.predict_iter(iter(()), batch_size=4)) == []
+    assert not _reader_threads()
+
+
 def test_predict_iter_takes_images_lazily(model):
     src = Counting(_images() * 4)
     it = model.predict_iter(src, batch_size=1, window=2, workers=2)

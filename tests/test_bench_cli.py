@@ -23,8 +23,9 @@ def test_bench_synthetic_prints_time_memory_and_published_time(tmp_path):
     assert re.search(r"^path\s+dynamic$", out, re.M), out  # the CPU defaults
     assert re.search(r"^convs\s+exact \(Detectron2 ops\)$", out, re.M), out
     r = zoo_cmd("bench", m["name"], "--synthetic", "--iters", "1", "--warmup", "0", "--path", "static",
-                "--convs", "fast", env=env)
+                "--convs", "fast", "--min-size", "256", env=env)
     assert r.returncode == 0 and re.search(r"^path\s+fixed-shape$", r.stdout, re.M), r.stdout + r.stderr
+    assert "512x600 resized to 256x300, batch 1" in r.stdout  # --min-size replaces the manifest's 320
     assert re.search(r"^convs\s+fast \(FrozenBN folded, channels_last\)$", r.stdout, re.M), r.stdout
 
 
@@ -37,5 +38,7 @@ def test_bench_rejects_bad_options_before_loading(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("zoo: error: cannot read"), r.stderr
     r = zoo_cmd("bench", "faster_rcnn_R_50_FPN", "--synthetic")
     assert r.returncode == 1 and "did you mean" in r.stderr
+    r = zoo_cmd("bench", BASE, "--synthetic", "--min-size", "0")
+    assert r.returncode == 1 and r.stderr.startswith("zoo: error: min_size=0 is not allowed"), r.stderr
     r = zoo_cmd("bench", BASE, "--synthetic", "--device", "cpu", "--cuda-graphs")
     assert r.returncode == 1 and r.stderr.startswith("zoo: error: --cuda-graphs needs a CUDA device"), r.stderr

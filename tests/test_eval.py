@@ -151,13 +151,25 @@ def test_a_zoo_model_is_streamed_and_its_batch_size_changes_nothing(tmp_path):
     assert one.results and one.results == two.results and one.stats == two.stats
 
 
-def test_cli_eval_refuses_a_bad_batch_before_anything(tmp_path):
+@pytest.mark.parametrize("option, error", [(("--batch", "0"), "--batch must be at least 1"),
+                                           (("--max-size", "0"), "max_size=0 is not allowed")])
+def test_cli_eval_refuses_a_bad_option_before_anything(tmp_path, option, error):
     ann, images = build_dataset(tmp_path)
     out = tmp_path / "out" / "results.json"
     r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--out", str(out),
-                "--batch", "0", env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "c")})
-    assert r.returncode == 1 and r.stderr.startswith("zoo: error: --batch must be at least 1"), r.stderr
+                *option, env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "c")})
+    assert r.returncode == 1 and r.stderr.startswith(f"zoo: error: {error}"), r.stderr
     assert not out.parent.exists()
+
+
+def test_cli_eval_at_another_input_size_says_so(tmp_path, tmp_path_factory):
+    ann, images = build_dataset(tmp_path)
+    ckpt = synth_checkpoint(tmp_path_factory, MODEL)
+    r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--weights", str(ckpt),
+                "--out", str(tmp_path / "r.json"), "--device", "cpu", "--limit", "1", "--min-size", "320",
+                "--max-size", "512")
+    assert r.returncode == 0, r.stderr
+    assert "at min_size 320, max_size 512 (the published AP is not)" in r.stdout.splitlines()[0], r.stdout
 
 
 def test_cli_eval_refuses_fp16_on_cpu_before_anything(tmp_path):

@@ -94,6 +94,26 @@ def test_predict_batch_changes_no_result(tmp_path, small_env):
     assert not (tmp_path / "0").exists()
 
 
+def test_predict_min_size_changes_the_input_size(tmp_path, small_env):
+    name, env = small_env
+    image = str(IMAGES / "grace_hopper.png")  # 512 wide, 600 high
+    r = zoo_cmd("predict", name, image, "--out", str(tmp_path / "a"), "--score-thresh", "0.2", "--device", "cpu",
+                env=env)
+    assert r.returncode == 0, r.stderr
+    r = zoo_cmd("predict", name, image, "--out", str(tmp_path / "b"), "--score-thresh", "0.2", "--device", "cpu",
+                "--min-size", "256", "--max-size", "400", env=env)
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert a and b and [x["bbox"] for x in a] != [x["bbox"] for x in b]  # another input size, other detections
+    for x in b:  # still in the original image's pixels
+        bx, by, bw, bh = x["bbox"]
+        assert 0 <= bx and bx + bw <= 512 + 1e-3 and 0 <= by and by + bh <= 600 + 1e-3
+        assert x["segmentation"]["size"] == [600, 512]
+    r = zoo_cmd("predict", name, image, "--out", str(tmp_path / "c"), "--min-size", "-5", env=env)
+    assert_one_line_error(r, "min_size=-5 is not allowed")
+    assert not (tmp_path / "c").exists()
+
+
 def test_unknown_model_suggests_close_names(tmp_path):
     r = zoo_cmd("predict", "mask_rcnn_R50_FPN_3x", str(IMAGES / "grace_hopper.png"), "--out", str(tmp_path))
     assert_one_line_error(r, "unknown model", "did you mean", "mask_rcnn_R_50_FPN_3x")

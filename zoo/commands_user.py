@@ -45,13 +45,22 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_model(name: str, weights: Optional[str], device: str, *, synthetic: bool = False,
-               precision: str = "fp32", score_thresh: Optional[float] = None) -> Any:
-    """zoo.get for the CLI: a local checkpoint, random weights (synthetic) or the released ones."""
+def load_model(args: argparse.Namespace, *, synthetic: bool = False, precision: str = "fp32",
+               score_thresh: Optional[float] = None) -> Any:
+    """zoo.get for the CLI: a local checkpoint, random weights (synthetic) or the released ones, at the
+    command's input size (--min-size, --max-size)."""
     from .api import get
 
-    return get(name, pretrained=weights is None and not synthetic, weights=weights, device=device,
-               precision=precision, score_thresh=score_thresh)
+    return get(args.name, pretrained=args.weights is None and not synthetic, weights=args.weights,
+               device=args.device, precision=precision, score_thresh=score_thresh, min_size=args.min_size,
+               max_size=args.max_size)
+
+
+def check_sizes_for(args: argparse.Namespace, manifest: Any) -> None:
+    """A bad --min-size / --max-size fails before anything is created or downloaded."""
+    from .api import _with_test_settings
+
+    _with_test_settings(manifest.architecture, min_size=args.min_size, max_size=args.max_size)
 
 
 def check_precision_for(args: argparse.Namespace) -> None:
@@ -109,6 +118,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise InputError(f"--score-thresh must be between 0 and 1, got {args.score_thresh}")
     check_batch(args)
     manifest = get_manifest(args.name)
+    check_sizes_for(args, manifest)
     paths = collect_images(args.images)
     check_precision_for(args)
     if manifest.task == "instance_segmentation":
@@ -124,8 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # it, filtering the default output gives the same instances, so the model keeps Detectron2's setting
     lower = args.score_thresh < manifest.architecture.roi_heads.score_thresh_test
     try:
-        model = load_model(args.name, args.weights, args.device, precision=args.precision,
-                           score_thresh=args.score_thresh if lower else None)
+        model = load_model(args, precision=args.precision, score_thresh=args.score_thresh if lower else None)
     except BaseException:
         if created:  # a failed run leaves no empty folder behind
             with contextlib.suppress(OSError):  # not empty after all: keep it
@@ -159,20 +168,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     require_pycocotools()
     manifest = get_manifest(args.name)
     check_batch(args)
+    check_sizes_for(args, manifest)
     check_precision_for(args)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise InputError(f"--out {args.out!r} is a folder; pass a file name for the results JSON")
     _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
     coco = load_annotations(args.annotations)  # a bad file fails before the model loads
-    model = load_model(args.name, args.weights, args.device, precision=args.precision)
+    model = load_model(args, precision=args.precision)
     result = evaluate(model, coco, args.images, limit=args.limit, batch_size=args.batch)
     try:
         write_json_atomic(out, result.results, indent=None)  # a crash never leaves half a file
     except OSError as e:
         raise InputError(f"cannot write {out}: {e.strerror or e}; pass --out in a writable place") from None
     n = len(result.image_ids)
-    print(f"{manifest.name} on {n} image{'s' if n != 1 else ''} of {args.annotations}\n")
+    size = ""
+    if (model.min_size_test, model.max_size_test) != (manifest.architecture.input.min_size_test,
+                                                      manifest.architecture.input.max_size_test):
+        size = f" at min_size {model.min_size_test}, max_size {model.max_size_test} (the published AP is not)"
+    print(f"{manifest.name} on {n} image{'s' if n != 1 else ''} of {args.annotations}{size}\n")
     print(format_report(result, manifest))
     print(f"\nresults: {out}")
     return 0
@@ -204,6 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     manifest = get_manifest(args.name)
     if args.batch < 1 or (args.iters is not None and args.iters < 1) or (args.warmup or 0) < 0:
         raise InputError("--batch and --iters must be at least 1 and --warmup at least 0")
+    check_sizes_for(args, manifest)
     image_path = Path(args.image).expanduser() if args.image else BENCH_IMAGE
     rgb = to_rgb_array(image_path)
     from .api import resolve_device
@@ -217,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError("--cuda-graphs needs a CUDA device; drop it or pass --device cuda")
     if args.cuda_graphs and static is False:
         raise InputError("--cuda-graphs replays the fixed-shape path; use it with --path static or auto")
-    model = load_model(args.name, args.weights, args.device, synthetic=args.synthetic)
+    model = load_model(args, synthetic=args.synthetic)
     model.precision = precision
     model.static_shapes = static
     model.cuda_graphs = args.cuda_graphs
@@ -249,9 +264,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ZooError(f"the network failed in {precision} ({first}); run with --precision fp32") from None
 
-    arch_in = manifest.architecture.input
     h, w = rgb.shape[:2]
-    rh, rw = resized_size(h, w, arch_in.min_size_test, arch_in.max_size_test)
+    rh, rw = resized_size(h, w, model.min_size_test, model.max_size_test)
     where = torch.cuda.get_device_name(dev) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     weights = "synthetic (random)" if args.synthetic else (args.weights or "released")
     median = statistics.median(times)
@@ -275,6 +289,11 @@ def add_user_commands(sub: Any) -> None:
     device_help = "auto (CUDA when present), cpu or cuda[:N]"
     precision_help = ("network precision: fp32 (default, exact), bf16 (CPU or CUDA) or fp16 (CUDA); the reduced "
                       "ones run faster on hardware made for them and are not parity-exact")
+    def add_size_options(p: Any) -> None:
+        p.add_argument("--min-size", type=int, help="resize the shorter image side to this (default: the "
+                                                    "manifest's, 800; smaller is faster and less accurate)")
+        p.add_argument("--max-size", type=int, help="cap on the longer side (default: the manifest's, 1333)")
+
     batch_help = ("images per forward pass (default 1); a batch holds images of one padded shape, so results "
                   "match batch 1 up to float rounding")
 
@@ -289,6 +308,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
     p.add_argument("--batch", type=int, default=1, help=batch_help)
+    add_size_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO AP of a model on a COCO-format dataset (needs pycocotools)")
@@ -301,6 +321,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
     p.add_argument("--batch", type=int, default=1, help=batch_help)
+    add_size_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="inference speed and peak memory, beside the published V100 time")
@@ -322,4 +343,5 @@ def add_user_commands(sub: Any) -> None:
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
     w.add_argument("--synthetic", action="store_true", help="random weights: no download, timing only")
+    add_size_options(p)
     p.set_defaults(func=cmd_bench)

@@ -33,18 +33,18 @@ fi
 $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())" \
   | tee -a "$summary"
 
-# Most important first: a step that runs out of time only loses what comes after it. One log per step (the last
-# two share one) plus summary.log: 8 files, the most the device tool brings back.
+# Most important first: a step that runs out of time only loses what comes after it. One log per step (two share
+# extras.log) plus summary.log: 8 files, the most the device tool brings back.
 # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
 step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py
 step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py
 step bench_kernels 45 $PY scripts/bench_kernels.py
 step bench_e2e 180 $PY scripts/bench_e2e.py --device cuda --warmup 5
+LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10  # where the time goes
 # parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
 step parity_cuda 100 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
 step tests_model_cuda 30 $PY -m pytest -q --timeout 25 -p no:cacheprovider -k cuda \
   tests/test_modeling_components.py tests/test_precision_batching.py
-# where the time goes; then images/s from JPEG files: predict loop vs predict_iter (reader threads, batches)
-LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10
+# images/s from JPEG files: predict loop vs predict_iter (reader threads, batches); shares profile_e2e's log
 LOG=extras step bench_stream 30 $PY scripts/bench_stream.py --count 48
 cat "$summary"

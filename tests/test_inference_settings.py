@@ -3,7 +3,6 @@ validated before anything is built or downloaded, and each changes the detection
 keys do (compared with the default model on the same synthetic weights)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -28,8 +27,8 @@ def default_dets():
     return _model().predict(fixture_image("grace_hopper"))
 
 
-def _assert_same(d, boxes, scores, labels):
-    assert torch.equal(d.boxes, boxes) and torch.equal(d.scores, scores) and torch.equal(d.labels, labels)
+def _assert_same(a, b):
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
 
 
 def test_with_test_settings_replaces_only_what_is_given():
@@ -77,7 +76,7 @@ def test_detections_per_image_keeps_the_best(default_dets):
         m = _model(detections_per_image=10)
         m.static_shapes = static
         d = m.predict(fixture_image("grace_hopper"))
-        _assert_same(d, default_dets.boxes[:10], default_dets.scores[:10], default_dets.labels[:10])
+        _assert_same(d, default_dets[:10])
 
 
 def test_higher_score_thresh_keeps_the_default_instances_above_it(default_dets):
@@ -87,7 +86,7 @@ def test_higher_score_thresh_keeps_the_default_instances_above_it(default_dets):
     t = float(s[29] + s[30]) / 2
     assert s[29] > t > s[30]
     d = _model(score_thresh=t).predict(fixture_image("grace_hopper"))
-    _assert_same(d, default_dets.boxes[:30], default_dets.scores[:30], default_dets.labels[:30])
+    _assert_same(d, default_dets[:30])
 
 
 def test_lower_nms_thresh_leaves_no_same_class_overlap_above_it(default_dets):

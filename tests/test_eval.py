@@ -148,6 +148,7 @@ def test_a_zoo_model_is_streamed_and_its_batch_size_changes_nothing(tmp_path):
     finally:
         del model.predict_iter
     assert calls == [{"batch_size": 1}, {"batch_size": 2}]
+    # the three images differ in padded shape, so batch 2 still runs them one by one: identical results
     assert one.results and one.results == two.results and one.stats == two.stats
 
 

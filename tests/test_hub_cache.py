@@ -147,3 +147,20 @@ def test_verification_record_is_only_a_cache(server, hub_env):
     assert verify(url) == "ok"
     assert isinstance(json.loads((hub_env / ".verified.json").read_text()), dict)
     assert cache.relpath_for_url(url) in json.loads((hub_env / ".verified.json").read_text())
+
+
+def test_atomic_writes_leave_the_old_file_whole_when_writing_fails(tmp_path):
+    target = tmp_path / "out" / "picture.png"
+    cache.write_file_atomic(target, lambda f: f.write(b"first version"))
+    assert target.read_bytes() == b"first version"
+
+    def half_then_fail(f):
+        f.write(b"half of the seco")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cache.write_file_atomic(target, half_then_fail, fsync=False)
+    assert target.read_bytes() == b"first version"  # untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["picture.png"]  # no temporary file left
+    cache.write_json_atomic(target.with_suffix(".json"), {"b": 1, "a": [1, 2]}, indent=None)
+    assert target.with_suffix(".json").read_text() == '{"a": [1, 2], "b": 1}\n'

@@ -124,3 +124,26 @@ def test_detections_repr_is_a_summary():
     assert "7 instances" in r and "person 0.90" in r and "car 0.80" in r and "(2 more)" in r and "(7, 240, 320)" in r
     assert "0 instances" in repr(_dets(torch.zeros(0, 4).tolist(), [], []))
 
+
+
+def test_masks_are_painted_within_their_boxes_exactly_as_on_the_whole_image():
+    # draw paints each mask on its bounding box plus a margin; the reference paints on the whole image
+    from zoo.viz import MASK_ALPHA, _mask_edge, _paint_masks
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        masks = np.zeros((4, h, w), bool)
+        for m in masks[:3]:  # random blobs, often on the image border; the last mask stays empty
+            y0, y1 = sorted(rng.integers(0, h + 1, 2))
+            x0, x1 = sorted(rng.integers(0, w + 1, 2))
+            m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > 0.3
+        colors = instance_colors(4)
+        canvas = rng.random((h, w, 3)).astype(np.float32) * 255
+        want = canvas.copy()
+        for m, color in zip(masks, colors):
+            c = np.array(color, np.float32)
+            want[m] = want[m] * (1.0 - MASK_ALPHA) + c * MASK_ALPHA
+            want[_mask_edge(m)] = c
+        _paint_masks(canvas, masks, colors)
+        assert np.array_equal(canvas, want)

@@ -8,7 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 from urllib.parse import unquote, urlsplit
 
 from filelock import FileLock, Timeout
@@ -118,21 +118,28 @@ def _load_json(path: Path, *, strict: bool) -> dict:
     return data
 
 
-def write_json_atomic(path: Path, data: Any, *, indent: Optional[int] = 1) -> None:
-    """Write JSON through a temporary file and a rename: readers see the old file or the new one, whole."""
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], None], *, fsync: bool = True) -> None:
+    """Call write(f) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
+    the new one, whole (fsync=True: also after a power loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: Any, *, indent: Optional[int] = 1) -> None:
+    """Write JSON through a temporary file and a rename: readers see the old file or the new one, whole."""
+    text = json.dumps(data, indent=indent, sort_keys=True) + "\n"
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _update_json(name: str, change: Callable[[dict], None], *, strict: bool) -> None:

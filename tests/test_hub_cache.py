@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,9 @@ def test_atomic_writes_leave_the_old_file_whole_when_writing_fails(tmp_path):
     target = tmp_path / "out" / "picture.png"
     cache.write_file_atomic(target, lambda f: f.write(b"first version"))
     assert target.read_bytes() == b"first version"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # the usual permissions, not private 0600
 
     def half_then_fail(f):
         f.write(b"half of the seco")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
@@ -122,9 +122,10 @@ def write_file_atomic(path: Path, write: Callable[[BinaryIO], None], *, fsync: b
     """Call write(f) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
     the new one, whole (fsync=True: also after a power loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # not mkstemp: its files are private (0600), and a result should get the usual permissions (umask)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             if fsync:

@@ -95,6 +95,18 @@ class Detections:
         return out
 
 
+def mask_bounds(masks: torch.Tensor) -> list[Optional[tuple[int, int, int, int]]]:
+    """(y0, y1, x0, x1) of each [H, W] mask's set pixels (ends exclusive), or None for an empty mask. The
+    reductions run on the masks' device; amax over uint8 is ~10x faster than any() on CPU."""
+    m = masks.detach().bool().view(torch.uint8)
+    rows, cols = m.amax(dim=2).cpu().numpy(), m.amax(dim=1).cpu().numpy()
+    out: list[Optional[tuple[int, int, int, int]]] = []
+    for r, c in zip(rows, cols):
+        ys, xs = np.flatnonzero(r), np.flatnonzero(c)
+        out.append(None if ys.size == 0 else (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
+    return out
+
+
 def _encode_masks(masks: torch.Tensor) -> list[dict]:
     """COCO RLE of each [H, W] mask, exactly as pycocotools.mask.encode gives it (counts as ASCII).
 
@@ -111,16 +123,12 @@ def _encode_masks(masks: torch.Tensor) -> list[dict]:
     if n == 0:
         return []
     masks = masks.detach().bool()
-    # which rows / columns each mask touches ([N, H], [N, W]); amax over uint8 is ~10x faster than any on CPU
-    rows = masks.view(torch.uint8).amax(dim=2).cpu().numpy()
-    cols = masks.view(torch.uint8).amax(dim=1).cpu().numpy()
     objs = []
-    for i in range(n):
-        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
-        if ys.size == 0:
+    for i, bounds in enumerate(mask_bounds(masks)):
+        if bounds is None:
             objs.append({"size": [h, w], "counts": [h * w]})
             continue
-        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+        y0, y1, x0, x1 = bounds
         crop = masks[i, y0:y1, x0:x1].cpu().numpy()
         objs.append({"size": [h, w], "counts": _rle_counts(crop, y0, x0, h, w)})
     rles = mask_util.frPyObjects(objs, h, w)

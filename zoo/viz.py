@@ -50,14 +50,17 @@ def _mask_edge(mask: np.ndarray) -> np.ndarray:
 
 def _paint_masks(canvas: np.ndarray, masks: np.ndarray, colors: list[tuple[int, int, int]]) -> None:
     """Tint each mask's pixels (in order, later ones on top) and outline it, in place on an HxWx3 float canvas."""
-    rows, cols = masks.any(axis=2), masks.any(axis=1)
-    for m, rows_m, cols_m, color in zip(masks, rows, cols, colors):
-        ys, xs = np.flatnonzero(rows_m), np.flatnonzero(cols_m)
-        if ys.size == 0:
+    import torch
+
+    from .results import mask_bounds
+
+    for m, bounds, color in zip(masks, mask_bounds(torch.from_numpy(masks)), colors):
+        if bounds is None:
             continue
+        y0, y1, x0, x1 = bounds
         # the mask's bounding box plus a 1-pixel margin (the edge test looks at neighbours): the same pixels as
         # working on the whole image, at a fraction of the cost (3x faster for 20 masks at 640x480)
-        region = (slice(max(ys[0] - 1, 0), ys[-1] + 2), slice(max(xs[0] - 1, 0), xs[-1] + 2))
+        region = (slice(max(y0 - 1, 0), y1 + 1), slice(max(x0 - 1, 0), x1 + 1))
         sub, view = m[region], canvas[region]
         c = np.array(color, np.float32)
         view[sub] = view[sub] * (1.0 - MASK_ALPHA) + c * MASK_ALPHA

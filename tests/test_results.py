@@ -5,12 +5,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_util
 
+from user_support import make_detections as _dets
 from zoo.results import COCO_CATEGORY_IDS, Detections
-
-
-def _dets(boxes, scores, labels, masks=None, size=(240, 320)):
-    return Detections(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32),
-                      torch.tensor(labels, dtype=torch.int64), masks, size)
 
 
 def _pycocotools_rles(masks: torch.Tensor) -> list[dict]:

@@ -8,16 +8,12 @@ import torch
 from PIL import Image
 
 from zoo.errors import InputError
+from user_support import make_detections as _dets
 from zoo.results import Detections
 from zoo.viz import draw, instance_colors
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GREY = 128
-
-
-def _dets(boxes, scores, labels, masks=None, size=(240, 320)):
-    return Detections(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32),
-                      torch.tensor(labels, dtype=torch.int64), masks, size)
 
 
 def _grey(h=240, w=320):

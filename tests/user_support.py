@@ -177,3 +177,13 @@ def greedy_match(ref_boxes, ref_scores, ref_labels, boxes, labels, min_iou: floa
             j = int(row.argmax())
             match[i], used[j] = j, True
     return match
+
+
+def make_detections(boxes, scores, labels, masks=None, size=(240, 320)):
+    """Detections from plain lists (float32 boxes and scores, int64 labels), for tests of results and pictures."""
+    import torch
+
+    from zoo.results import Detections
+
+    return Detections(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32),
+                      torch.tensor(labels, dtype=torch.int64), masks, size)

@@ -68,10 +68,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import zoo
     from user_support import baseline_state_dict
+    from zoo.api import resolve_device
     from zoo.modeling import load_weights
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     model = zoo.get(args.model, pretrained=False, device="cpu", min_size=args.min_size)
     load_weights(model, baseline_state_dict(args.model))
     model.to(device)

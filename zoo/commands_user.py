@@ -293,6 +293,7 @@ def add_user_commands(sub: Any) -> None:
     device_help = "auto (CUDA when present), cpu or cuda[:N]"
     precision_help = ("network precision: fp32 (default, exact), bf16 (CPU or CUDA) or fp16 (CUDA); the reduced "
                       "ones run faster on hardware made for them and are not parity-exact")
+
     def add_size_options(p: Any) -> None:
         p.add_argument("--min-size", type=int, help="resize the shorter image side to this (default: the "
                                                     "manifest's, 800; smaller is faster and less accurate)")

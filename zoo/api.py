@@ -29,7 +29,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def _with_test_settings(arch, **settings):
+def checked_test_settings(arch, **settings):
     """arch with the settings given (not None) replaced; a bad value is an InputError naming the keyword."""
     from pydantic import ValidationError
 
@@ -86,7 +86,7 @@ def get(
     from .modeling.detector import check_graph_options, check_precision
 
     manifest = get_manifest(name)
-    arch = _with_test_settings(manifest.architecture, score_thresh=score_thresh, nms_thresh=nms_thresh,
+    arch = checked_test_settings(manifest.architecture, score_thresh=score_thresh, nms_thresh=nms_thresh,
                                detections_per_image=detections_per_image, min_size=min_size, max_size=max_size)
     dev = resolve_device(device)
     check_precision(precision, dev)  # before any download

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
@@ -33,12 +34,17 @@ from user_support import fixture_image as _image  # noqa: E402
 from user_support import small_synthetic_model, top_matched  # noqa: E402
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, mask_pixels: float = 0.0):
+    """Identical detections; `mask_pixels` > 0 lets that share of mask pixels differ."""
     assert a.image_size == b.image_size
     assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
     assert (a.masks is None) == (b.masks is None)
     if a.masks is not None:
-        assert torch.equal(a.masks, b.masks)
+        if mask_pixels:
+            assert a.masks.shape == b.masks.shape
+            assert (a.masks != b.masks).float().mean().item() <= mask_pixels
+        else:
+            assert torch.equal(a.masks, b.masks)
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +403,10 @@ def test_cuda_static_path_never_syncs(name):
 
 @cuda
 def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
+    # Masks may differ in a few pixels between calls: the mask head's transposed convolution runs a cuDNN
+    # backward-data algorithm, and cuDNN does not promise those are deterministic (H100, 2026-11-27: identical
+    # boxes, scores and labels, masks not bit-equal)
+    same = functools.partial(_assert_same, mask_pixels=1e-4)
     m = small_synthetic_model("mask_rcnn_R_50_FPN_3x").cuda()
     images = [_image("grace_hopper"), _image("grace_hopper")[:, ::-1].copy(), _image("scene_427x640")]
     m.static_shapes = False
@@ -416,20 +426,20 @@ def test_cuda_static_equals_dynamic_and_graphs_equal_eager():
     m.cuda_graphs = True
     got = [m.predict(cropped) for _ in range(2)]
     assert len(m._graph_cache) == 3  # batch 1 of the first shape (the first calls ran it as a batch of 2)
-    _assert_same(want, got[0])
-    _assert_same(want, got[1])
+    same(want, got[0])
+    same(want, got[1])
     got2 = m.predict([cropped, images[0]])
     assert len(m._graph_cache) == 3
     m.cuda_graphs = False
     want2 = m.predict([cropped, images[0]])  # a batch of 2 may run other cuDNN/cuBLAS algorithms than 1
     m.cuda_graphs = True
-    _assert_same(want2[0], got2[0])
-    _assert_same(static[0], got2[1])
+    same(want2[0], got2[0])
+    same(static[0], got2[1])
     assert top_matched(want, got2[0], 20, 0.95) >= 0.95
     for d, s, e, g, a in zip(dynamic, static, eager, graphs, again):
-        _assert_same(s, e)
-        _assert_same(s, g)
-        _assert_same(s, a)
+        same(s, e)
+        same(s, g)
+        same(s, a)
         # dynamic vs static: GEMMs over padded vs unpadded ROI counts may pick other cuBLAS kernels
         assert torch.equal(d.labels, s.labels)
         torch.testing.assert_close(d.boxes, s.boxes, rtol=1e-4, atol=1e-3)

@@ -63,6 +63,8 @@ def workloads(device: str, tv):
     feats = [torch.randn(1, 256, int(800 * s), int(1216 * s), generator=g, device=device)
              for s in SCALES]
     res4 = torch.randn(1, 1024, 50, 76, generator=g, device=device)
+    feats_cl = [f.to(memory_format=torch.channels_last) for f in feats]
+    res4_cl = res4.to(memory_format=torch.channels_last)
     rois1000 = reference.boxes_to_rois([proposals(1000, 1, device)])
     rois100 = reference.boxes_to_rois([proposals(100, 2, device)])
     rois_c4 = reference.boxes_to_rois([proposals(1000, 3, device)])
@@ -78,14 +80,27 @@ def workloads(device: str, tv):
          trip("multilevel_roi_align", feats, rois1000, 7, SCALES, 0, True),
          (lambda: tv_pooler(tv, feats, rois1000, 7, 0)) if tv else None,
          torch_path("multilevel_roi_align", feats, rois1000, 7, SCALES, 0, True)),
+        # the layout the networks' fast convolutions leave: Triton reads it in place, torchvision copies it to NCHW
+        ("FPN pooler 1000 boxes C=256 7x7, channels-last maps",
+         trip("multilevel_roi_align", feats_cl, rois1000, 7, SCALES, 0, True),
+         (lambda: tv_pooler(tv, feats_cl, rois1000, 7, 0)) if tv else None,
+         torch_path("multilevel_roi_align", feats_cl, rois1000, 7, SCALES, 0, True)),
         ("Mask pooler 100 boxes C=256 14x14",
          trip("multilevel_roi_align", feats, rois100, 14, SCALES, 0, True),
          (lambda: tv_pooler(tv, feats, rois100, 14, 0)) if tv else None,
          torch_path("multilevel_roi_align", feats, rois100, 14, SCALES, 0, True)),
+        ("Mask pooler 100 boxes C=256 14x14, channels-last maps",
+         trip("multilevel_roi_align", feats_cl, rois100, 14, SCALES, 0, True),
+         (lambda: tv_pooler(tv, feats_cl, rois100, 14, 0)) if tv else None,
+         torch_path("multilevel_roi_align", feats_cl, rois100, 14, SCALES, 0, True)),
         ("C4 pooler 1000 boxes res4 C=1024 14x14 (stride 16)",
          trip("roi_align", res4, rois_c4, 14, 1 / 16, 0, True),
          (lambda: tv.roi_align(res4, rois_c4, 14, 1 / 16, 0, True)) if tv else None,
          torch_path("roi_align", res4, rois_c4, 14, 1 / 16, 0, True)),
+        ("C4 pooler 1000 boxes res4 C=1024 14x14, channels-last",
+         trip("roi_align", res4_cl, rois_c4, 14, 1 / 16, 0, True),
+         (lambda: tv.roi_align(res4_cl, rois_c4, 14, 1 / 16, 0, True)) if tv else None,
+         torch_path("roi_align", res4_cl, rois_c4, 14, 1 / 16, 0, True)),
     ]
     for n in (1000, 4700, 12000, 30000):
         b = proposals(n, 10 + n, device, smax=300.0)

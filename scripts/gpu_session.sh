@@ -42,7 +42,7 @@ case $phase in A|B|all) ;; *) echo "usage: gpu_session.sh [A|B|all]" >&2; exit 2
 if [ "$phase" != B ]; then  # A: 235 s of steps
   # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
   step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py
-  step bench_kernels 45 $PY scripts/bench_kernels.py
+  step bench_kernels 60 $PY scripts/bench_kernels.py
   step bench_e2e_headline 60 $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
   step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py
 fi

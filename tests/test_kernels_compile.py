@@ -54,13 +54,16 @@ for dt in ("fp32", "bf16"):
         for n in ("min_level", "max_level", "canon_size", "canon_level"):
             types[n] = "fp32"
         bc, bb, warps = RA._blocks(256, oh, oh)
-        consts = dict(OH=oh, OW=oh, ALIGNED=True, NUM_LEVELS=levels, BLOCK_C=bc,
-                      BLOCK_B=bb, INTERPRET=False)
-        for name, fn in (("fwd", RA._roi_align_fwd_kernel), ("bwd", RA._roi_align_bwd_kernel)):
+        # the forward reads NCHW or channels-last maps; the backward's gradient buffers are always NCHW
+        for name, fn, layouts in (("fwd", RA._roi_align_fwd_kernel, (False, True)),
+                                  ("bwd", RA._roi_align_bwd_kernel, (False,))):
             if levels == 1 and name == "bwd":
                 continue
-            compile_one(f"roi_align_{name}_{dt}_{oh}x{oh}_L{levels}", fn, types, consts,
-                        num_warps=warps, enable_fp_fusion=False)
+            for cl in layouts:
+                consts = dict(OH=oh, OW=oh, ALIGNED=True, NUM_LEVELS=levels, BLOCK_C=bc,
+                              BLOCK_B=bb, CHANNELS_LAST=cl, INTERPRET=False)
+                compile_one(f"roi_align_{name}_{dt}_{oh}x{oh}_L{levels}{'_nhwc' if cl else ''}", fn, types,
+                            consts, num_warps=warps, enable_fp_fusion=False)
 
 for cdt in ("fp32", "fp64"):
     types = {"boxes_ptr": "*" + cdt, "cls_ptr": "*i64", "thr": "fp32", "thr_ptr": "*" + cdt,
@@ -97,7 +100,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(l for l in res.stdout.splitlines() if l.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 18
+    assert len(results) == 24
     # fp64 NMS (a rare path) may keep a few bytes of stack; everything else must not.
     spilled = [r for r in results if (r["stack"] or r["local"])
                and not (r["kernel"].startswith("nms_mask_fp64") and r["stack"] <= 64)]

@@ -52,6 +52,22 @@ def test_fpn_pooler_matches_torchvision():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-3)
 
 
+def test_channels_last_maps_give_the_nchw_result():
+    """The networks' channels-last maps are read in place, with the same arithmetic as NCHW ones."""
+    feats = _pyramid()
+    boxes = _proposals(1000, 11)
+    cl = [f.to(memory_format=torch.channels_last) for f in feats]
+    for size in (7, 14):
+        assert torch.equal(ops.multilevel_roi_align(cl, [boxes], size, SCALES, 0, True, backend="triton"),
+                           ops.multilevel_roi_align(feats, [boxes], size, SCALES, 0, True, backend="triton"))
+    g = torch.Generator(device=DEV).manual_seed(12)
+    res4 = torch.randn(2, 1024, 50, 76, generator=g, device=DEV)
+    rois = reference.boxes_to_rois([_proposals(300, 13), _proposals(300, 14)])
+    assert torch.equal(ops.roi_align(res4.to(memory_format=torch.channels_last), rois, 14, 1 / 16, 0, True,
+                                     backend="triton"),
+                       ops.roi_align(res4, rois, 14, 1 / 16, 0, True, backend="triton"))
+
+
 def test_mask_pooler_and_c4_match_torchvision():
     tv = _tv()
     feats = _pyramid()

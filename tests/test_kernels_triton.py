@@ -153,6 +153,31 @@ def test_multilevel_forward_and_backward(K):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_roi_align_reads_channels_last_maps_as_they_are(K):
+    """The fast convolutions leave channels-last maps: the kernel reads them in place (no NCHW copy of the pyramid)
+    with the same arithmetic, so outputs and gradients equal the NCHW run's bit for bit."""
+    RA = importlib.import_module("zoo.kernels.roi_align")
+    gen = torch.Generator().manual_seed(12)
+    feats, scales, boxes = _pyramid(gen, C=5)
+    nhwc = [f.detach().to(memory_format=torch.channels_last).requires_grad_() for f in feats]
+    nchw = [f.detach().clone().requires_grad_() for f in feats]
+    assert RA._all_channels_last(nhwc) and not RA._all_channels_last(nchw)
+    assert not RA._all_channels_last([nhwc[0], nchw[1]])  # mixed layouts: copied to NCHW
+    assert not RA._all_channels_last([torch.zeros(2, 3, 1, 1).to(memory_format=torch.channels_last)])
+    out = K.multilevel_roi_align(nhwc, boxes, 3, scales, 0, True)
+    ref = K.multilevel_roi_align(nchw, boxes, 3, scales, 0, True)
+    assert torch.equal(out, ref)
+    g = torch.randn(out.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(out, nhwc, g), torch.autograd.grad(ref, nchw, g)):
+        assert torch.equal(a, b)
+    # one level, two channel blocks (C=70 at 7x7), two images, adaptive and fixed sampling
+    f = torch.randn(2, 70, 12, 16, generator=gen)
+    rois = _rois(gen, 2, 12, 16, 0.25)
+    for sr in (0, 2):
+        assert torch.equal(K.roi_align(f.to(memory_format=torch.channels_last), rois, 7, 0.25, sr, True),
+                           K.roi_align(f, rois, 7, 0.25, sr, True))
+
+
 def test_multilevel_single_level_and_dispatch(K, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(10)

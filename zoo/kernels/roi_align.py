@@ -1,6 +1,7 @@
 """Triton ROIAlign: one kernel for single-level and fused multi-level (FPN) pooling.
 
-Each program pools one ROI for a block of channels and all output bins. With several
+Each program pools one ROI for a block of channels and all output bins, from NCHW or
+channels-last (NHWC) maps as they are. With several
 levels the program assigns the ROI's level itself (Detectron2's formula) and reads
 that level's map, so the whole FPN pooler is one launch with output in box order.
 Backward scatters into fp32 gradient buffers with atomic adds.
@@ -131,6 +132,27 @@ def _tile(cb, C, OH: tl.constexpr, OW: tl.constexpr, BLOCK_C: tl.constexpr, BLOC
     return offs_c, offs_b, offs_c < C, offs_b < OH * OW, ph, pw
 
 
+@triton.jit
+def _planes(base, bi, offs_c, C, H, W, CHANNELS_LAST: tl.constexpr):
+    """Pointer to pixel (0, 0) of each channel of image `bi` ([BLOCK_C, 1]) and the stride between pixels.
+
+    Channels-last maps put a pixel's channels side by side, so a warp's loads of one sample are one contiguous run.
+    """
+    if CHANNELS_LAST:
+        plane = base + bi * H * W * C + offs_c.to(tl.int64)[:, None]
+        pix = C
+    else:
+        plane = base + (bi * C + offs_c.to(tl.int64))[:, None] * H * W
+        pix = 1
+    return plane, pix
+
+
+@triton.jit
+def _at(y, x, W, pix, CHANNELS_LAST: tl.constexpr):
+    """Offset of pixels (y, x) from `_planes`' pointers, as a [1, BLOCK_B] row (int32: H*W*C < 2**31 is checked)."""
+    return ((y * W + x) * pix)[None, :]
+
+
 _NO_SPEC = ["C", "H0", "H1", "H2", "H3", "H4", "W0", "W1", "W2", "W3", "W4", "sr"]
 
 
@@ -143,7 +165,7 @@ def _roi_align_fwd_kernel(
         min_level, max_level, canon_size, canon_level, sr,
         OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
         NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     lvl, bi, H, W, y1, x1, bh, bw, gh, gw = _roi_setup(
@@ -152,7 +174,7 @@ def _roi_align_fwd_kernel(
         INTERPRET)
     feat = _pick(lvl, f0, f1, f2, f3, f4, NUM_LEVELS)
     offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, C, OH, OW, BLOCK_C, BLOCK_B)
-    plane = feat + (bi * C + offs_c.to(tl.int64))[:, None] * H * W
+    plane, pix = _planes(feat, bi, offs_c, C, H, W, CHANNELS_LAST)
     acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
     ghf = gh * 1.0
     gwf = gw * 1.0
@@ -161,10 +183,10 @@ def _roi_align_fwd_kernel(
         for ix in range(0, gw):
             xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
             m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
-            v1 = tl.load(plane + (ylo * W + xlo)[None, :], mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(plane + (ylo * W + xhi)[None, :], mask=m, other=0.0).to(tl.float32)
-            v3 = tl.load(plane + (yhi * W + xlo)[None, :], mask=m, other=0.0).to(tl.float32)
-            v4 = tl.load(plane + (yhi * W + xhi)[None, :], mask=m, other=0.0).to(tl.float32)
+            v1 = tl.load(plane + _at(ylo, xlo, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
+            v2 = tl.load(plane + _at(ylo, xhi, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
+            v3 = tl.load(plane + _at(yhi, xlo, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
+            v4 = tl.load(plane + _at(yhi, xhi, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
             acc += ((wyl * wxl)[None, :] * v1 + (wyl * wxh)[None, :] * v2
                     + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
     count = tl.maximum(gh * gw, 1) * 1.0
@@ -182,7 +204,7 @@ def _roi_align_bwd_kernel(
         min_level, max_level, canon_size, canon_level, sr,
         OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
         NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     lvl, bi, H, W, y1, x1, bh, bw, gh, gw = _roi_setup(
@@ -195,7 +217,7 @@ def _roi_align_bwd_kernel(
     g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(gh * gw, 1) * 1.0
     g = tl.math.div_rn(g, count + tl.zeros_like(g))
-    plane = grad + (bi * C + offs_c.to(tl.int64))[:, None] * H * W
+    plane, pix = _planes(grad, bi, offs_c, C, H, W, CHANNELS_LAST)
     ghf = gh * 1.0
     gwf = gw * 1.0
     for iy in range(0, gh):
@@ -203,10 +225,10 @@ def _roi_align_bwd_kernel(
         for ix in range(0, gw):
             xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
             m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
-            tl.atomic_add(plane + (ylo * W + xlo)[None, :], g * (wyl * wxl)[None, :], mask=m)
-            tl.atomic_add(plane + (ylo * W + xhi)[None, :], g * (wyl * wxh)[None, :], mask=m)
-            tl.atomic_add(plane + (yhi * W + xlo)[None, :], g * (wyh * wxl)[None, :], mask=m)
-            tl.atomic_add(plane + (yhi * W + xhi)[None, :], g * (wyh * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + _at(ylo, xlo, W, pix, CHANNELS_LAST), g * (wyl * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + _at(ylo, xhi, W, pix, CHANNELS_LAST), g * (wyl * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + _at(yhi, xlo, W, pix, CHANNELS_LAST), g * (wyh * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + _at(yhi, xhi, W, pix, CHANNELS_LAST), g * (wyh * wxh)[None, :], mask=m)
 
 
 def _blocks(C: int, oh: int, ow: int) -> tuple[int, int, int]:
@@ -235,7 +257,7 @@ class _Args:
 
 def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor], a: _Args,
             levels: tuple[float, float, float, float], oh: int, ow: int, sr: int,
-            aligned: bool) -> None:
+            aligned: bool, channels_last: bool) -> None:
     K = rois.shape[0]
     block_c, block_b, warps = _blocks(C, oh, ow)
     ptrs = list(ptrs) + [ptrs[0]] * (MAX_LEVELS - len(ptrs))
@@ -243,7 +265,15 @@ def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor],
     kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
                  OH=oh, OW=ow, ALIGNED=bool(aligned),
                  NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,
-                 INTERPRET=_INTERPRET, num_warps=warps, enable_fp_fusion=False)
+                 CHANNELS_LAST=channels_last, INTERPRET=_INTERPRET, num_warps=warps, enable_fp_fusion=False)
+
+
+def _all_channels_last(feats: Sequence[Tensor]) -> bool:
+    """Every map is channels-last (NHWC) in memory: the kernel then reads it as it is, where NCHW would need a copy
+    of the whole pyramid each call. Maps that are both (one channel, or 1x1) count as NCHW; so do maps whose one
+    image holds 2**31 values or more (the kernel's pixel offsets are int32)."""
+    return all(f.is_contiguous(memory_format=torch.channels_last) for f in feats) and \
+        not all(f.is_contiguous() for f in feats) and max(f[0].numel() for f in feats) < 2**31
 
 
 class _RoiAlignFn(torch.autograd.Function):
@@ -252,12 +282,14 @@ class _RoiAlignFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rois: Tensor, oh: int, ow: int, scales: tuple, sr: int, aligned: bool,
                 levels: tuple, *feats: Tensor) -> Tensor:
-        feats = tuple(f.contiguous() for f in feats)
+        channels_last = _all_channels_last(feats)
+        if not channels_last:
+            feats = tuple(f.contiguous() for f in feats)
         C = feats[0].shape[1]
         a = _Args(feats, scales)
         out = feats[0].new_empty((rois.shape[0], C, oh, ow))
         if rois.shape[0] > 0 and C > 0:
-            _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, sr, aligned)
+            _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, sr, aligned, channels_last)
         ctx.save_for_backward(rois)
         ctx.cfg = (oh, ow, scales, sr, aligned, levels)
         ctx.shapes = [(f.shape, f.dtype) for f in feats]
@@ -272,7 +304,7 @@ class _RoiAlignFn(torch.autograd.Function):
         C = grads[0].shape[1]
         if rois.shape[0] > 0 and C > 0:
             _launch(_roi_align_bwd_kernel, gout.contiguous(), rois, C, grads,
-                    _Args(grads, scales), levels, oh, ow, sr, aligned)
+                    _Args(grads, scales), levels, oh, ow, sr, aligned, False)
         grads = [g.to(dt) for g, (_, dt) in zip(grads, ctx.shapes)]
         return (None, None, None, None, None, None, None, *grads)
 

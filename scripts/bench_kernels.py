@@ -120,6 +120,14 @@ def workloads(device: str, tv):
     out.append(("Fixed-shape batched NMS 1000x80, 3% valid, capacity 4096, top 100",
                 trip("batched_nms_fixed", b, s, c, valid, 0.5, 100, 4096), None,
                 torch_path("batched_nms_fixed", b, s, c, valid, 0.5, 100, 4096)))
+    # the RPN's fixed-shape NMS: ~4700 proposals of 5 levels (1000 per level, fewer on the coarsest), top 1000
+    b = proposals(4700, 96, device, smax=300.0)
+    s = torch.rand(4700, generator=g, device=device)
+    lv = torch.arange(4700, device=device) // 1000
+    ok = torch.ones(4700, dtype=torch.bool, device=device)
+    out.append(("Fixed-shape batched NMS 4700 in 5 levels (RPN, IoU 0.7), top 1000",
+                trip("batched_nms_fixed", b, s, lv, ok, 0.7, 1000), None,
+                torch_path("batched_nms_fixed", b, s, lv, ok, 0.7, 1000)))
     # mask paste: 100 masks 28x28 into a 938x800 image (torchvision: its per-mask paste, float output)
     masks = torch.rand(100, 28, 28, generator=g, device=device)
     boxes = proposals(100, 97, device, smax=400.0, height=938.0, width=800.0)

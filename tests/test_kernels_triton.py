@@ -238,6 +238,13 @@ def test_nms_fixed(K):
     assert torch.equal(idx[: ref.numel()], ref) and bool((idx[ref.numel():] == -1).all())
     idx, cnt = K.nms_fixed(boxes, scores, 0.5, 7)
     assert int(cnt) == 7 and torch.equal(idx, ref[:7])
+    # the scan stops once max_out are kept: around the 64-box blocks it walks, the kept prefix is still exact
+    boxes, scores = _boxes(gen, 400, False)
+    ref = reference.nms(boxes, scores, 0.5)
+    assert ref.numel() > 200
+    for max_out in (1, 63, 64, 65, 128, 129, 200):
+        idx, cnt = K.nms_fixed(boxes, scores, 0.5, max_out)
+        assert int(cnt) == max_out and torch.equal(idx, ref[:max_out]), max_out
     idx, cnt = K.nms_fixed(boxes[:0], scores[:0], 0.5, 4)
     assert idx.tolist() == [-1] * 4 and int(cnt) == 0
 

@@ -2,7 +2,7 @@
 # One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
 #   bash scripts/gpu_session.sh [A|B|all]  # logs and tables land in $OUT (or ./gpu_out)
-# Every step has its own timeout (phase A: 235 s in all, B: 370 s); a failing step does not stop
+# Every step has its own timeout (phase A: 280 s in all, B: 395 s); a failing step does not stop
 # the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -39,21 +39,23 @@ $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
 # (some share extras.log) plus summary.log: at most 8 files, the most the device tool brings back.
 phase=${1:-all}
 case $phase in A|B|all) ;; *) echo "usage: gpu_session.sh [A|B|all]" >&2; exit 2 ;; esac
-if [ "$phase" != B ]; then  # A: 235 s of steps
+if [ "$phase" != B ]; then  # A: 280 s of steps
   # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
   step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py
   step bench_kernels 60 $PY scripts/bench_kernels.py
-  step bench_e2e_headline 60 $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
-  step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py
+  step bench_e2e_headline 90 $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
+  step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py \
+    tests/test_conv_fusion.py
 fi
-if [ "$phase" != A ]; then  # B: 370 s of steps
-  step bench_e2e 180 $PY scripts/bench_e2e.py --device cuda --warmup 5 \
+if [ "$phase" != A ]; then  # B: 395 s of steps
+  step bench_e2e 200 $PY scripts/bench_e2e.py --device cuda --warmup 5 \
     --models faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
   # parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
-  step parity_cuda 100 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
+  step parity_cuda 80 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
   step tests_model_cuda 30 $PY -m pytest -q --timeout 25 -p no:cacheprovider -k cuda \
     tests/test_modeling_components.py tests/test_precision_batching.py
-  LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10  # where the time goes
+  LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused  # where the time goes
+  LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
   # images/s from JPEG files: predict loop vs predict_iter (reader threads, batches)
   LOG=extras step bench_stream 30 $PY scripts/bench_stream.py --count 48
 fi

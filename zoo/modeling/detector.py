@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..manifest import Architecture
 from .backbone import build_backbone
 from .box_coder import clip_boxes, nonempty
-from .layers import Conv2d
+from .layers import Conv2d, cudnn_fusion
 from .mask_paste import detector_postprocess, paste_masks_in_image
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
@@ -110,6 +110,9 @@ class GeneralizedRCNN(nn.Module):
         # fp32 on CPU, fast otherwise (on CUDA, TF32 and cuDNN's algorithm choice round differently anyway;
         # bf16/fp16 round far more)
         self.fast_convs: Optional[bool] = None
+        # True (experimental, CUDA with fast convolutions): each conv + bias (+ residual add) + relu runs as one
+        # cuDNN call (layers.conv_relu) instead of four kernels; off until timed on a GPU
+        self.cudnn_fusion = False
         self._convs_laid_out_fast: Optional[bool] = None  # the fast_convs choice the weights are laid out for
         self.eval()
 
@@ -119,8 +122,8 @@ class GeneralizedRCNN(nn.Module):
             _check_precision_name(value)
         if name in ("static_shapes", "fast_convs") and value is not None and not isinstance(value, bool):
             raise InputError(f"{name} is True, False or None (automatic), not {value!r}")
-        if name == "cuda_graphs" and not isinstance(value, bool):
-            raise InputError(f"cuda_graphs is True or False, not {value!r}")
+        if name in ("cuda_graphs", "cudnn_fusion") and not isinstance(value, bool):
+            raise InputError(f"{name} is True or False, not {value!r}")
         super().__setattr__(name, value)
 
     def _apply(self, fn, recurse: bool = True):  # moved or cast: captured graphs point at the old tensors
@@ -142,7 +145,7 @@ class GeneralizedRCNN(nn.Module):
         (so GraphCache keys graphs by them: a threshold edited after a capture gets a graph of its own)."""
         rpn, rh = self.proposal_generator, self.roi_heads
         return (rpn.nms_thresh, rpn.pre_nms_topk, rpn.post_nms_topk, rpn.min_box_size,
-                rh.score_thresh, rh.nms_thresh, rh.detections_per_image, rh.static_nms_capacity)
+                rh.score_thresh, rh.nms_thresh, rh.detections_per_image, rh.static_nms_capacity, self.cudnn_fusion)
 
     @property
     def device(self) -> torch.device:
@@ -181,16 +184,18 @@ class GeneralizedRCNN(nn.Module):
         """Run the network on a preprocessed batch; detections are in resized-image pixels."""
         return self.run(images, image_sizes).instances
 
-    def _autocast(self, device: torch.device):
+    @contextlib.contextmanager
+    def _forward_context(self, device: torch.device):
+        """The forward pass's numeric context: autocast for bf16/fp16, and cuDNN fusion when it is on."""
         dtype = PRECISIONS[check_precision(self.precision, device)]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        with cudnn_fusion(self.cudnn_fusion), \
+                (contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)):
+            yield
 
     def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> Trace:
         """Forward pass that also returns the backbone features and the proposals."""
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
-        with self._autocast(images.device):
+        with self._forward_context(images.device):
             features = self.backbone(images.contiguous(memory_format=self._lay_out_convs(images.device)))
             proposals = self.proposal_generator(features, image_sizes)
             instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
@@ -238,7 +243,7 @@ class GeneralizedRCNN(nn.Module):
         if not isinstance(image_sizes, torch.Tensor):
             image_sizes = torch.tensor([[int(v) for v in s] for s in image_sizes], dtype=torch.float32,
                                        device=images.device)
-        with self._autocast(images.device):
+        with self._forward_context(images.device):
             features = self.backbone(images.contiguous(memory_format=self._lay_out_convs(images.device)))
             proposals = self.proposal_generator(features, image_sizes, static=True)
             instances = self.roi_heads.forward_static(features, proposals.boxes, proposals.counts, image_sizes)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..manifest import BoxHeadSpec, MaskHeadSpec
+from .layers import conv_relu
 
 
 class FastRCNNConvFCHead(nn.Module):
@@ -30,7 +31,7 @@ class FastRCNNConvFCHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[R, C, S, S] pooled features -> [R, fc_dim]."""
         for name in self.conv_names:
-            x = F.relu(getattr(self, name)(x))
+            x = conv_relu(getattr(self, name), x)
         if self.fc_names:
             x = torch.flatten(x, start_dim=1)
             for name in self.fc_names:
@@ -71,7 +72,7 @@ class MaskRCNNConvUpsampleHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[R, C, S, S] -> mask logits [R, K or 1, 2S, 2S]."""
         for name in self.conv_names:
-            x = F.relu(getattr(self, name)(x))
+            x = conv_relu(getattr(self, name), x)
         x = F.relu(self.deconv(x))
         return self.predictor(x)
 

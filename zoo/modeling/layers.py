@@ -1,7 +1,9 @@
 """Small building blocks shared by the backbone and heads: FrozenBatchNorm and a conv that owns its norm."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +109,57 @@ class Conv2d(nn.Conv2d):
         self._fold_key = None
         self._folded = None
         return super()._apply(fn, recurse)
+
+
+# cuDNN's fused conv + bias (+ add) + relu for inference on CUDA: off unless GeneralizedRCNN.cudnn_fusion turns it on
+# for a forward pass (a context, not module state: one model may run on CPU and CUDA, from several threads)
+_CUDNN_FUSION: ContextVar[bool] = ContextVar("zoo_cudnn_fusion", default=False)
+
+
+@contextlib.contextmanager
+def cudnn_fusion(enabled: bool) -> Iterator[None]:
+    """Let conv_relu use cuDNN's fused kernels inside this block (CUDA tensors only)."""
+    token = _CUDNN_FUSION.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CUDNN_FUSION.reset(token)
+
+
+def _fusable_params(conv: nn.Conv2d, x: torch.Tensor,
+                    residual: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The (weight, bias) a fused cuDNN call would take for `conv` on `x`, or None where fusion does not apply."""
+    if not (_CUDNN_FUSION.get() and x.is_cuda) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    if conv.kernel_size == (7, 7):  # the stem: cuDNN's fused kernel is known to be slow there (pytorch#68506)
+        return None
+    if torch.is_grad_enabled() and conv.weight.requires_grad:
+        return None
+    if isinstance(conv, Conv2d) and conv.norm is not None:
+        if not conv.fold_norm:
+            return None
+        w, b = conv._folded_params(x.device.type)
+    else:
+        w, b = conv.weight, conv.bias
+        cast = autocast_dtype(x.device.type)
+        if cast is not None:
+            w, b = w.to(cast), (None if b is None else b.to(cast))
+    if x.dtype == torch.float64 or x.dtype != w.dtype or (residual is not None and residual.dtype != x.dtype):
+        return None
+    return w, b
+
+
+def conv_relu(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(conv(x) + residual): inside cudnn_fusion(True), on CUDA, one cuDNN call instead of a convolution and
+    the separate bias add, residual add and relu that PyTorch runs after it."""
+    params = _fusable_params(conv, x, residual)
+    if params is not None:
+        w, b = params
+        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, w, b, *geometry)
+        return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *geometry)
+    out = conv(x)
+    if residual is not None:
+        out += residual
+    return F.relu_(out)

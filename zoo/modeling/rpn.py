@@ -5,12 +5,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..manifest import RPNSpec
 from .anchors import AnchorGenerator
 from .box_coder import Box2BoxTransform, clip_boxes, gather_rows, nonempty
+from .layers import conv_relu
 
 
 @dataclass
@@ -53,7 +53,7 @@ class StandardRPNHead(nn.Module):
         """Per level: logits [N, A, H, W] and deltas [N, A*4, H, W]."""
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x))
+            t = conv_relu(self.conv, x)
             logits.append(self.objectness_logits(t))
             deltas.append(self.anchor_deltas(t))
         return logits, deltas

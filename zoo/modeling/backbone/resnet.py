@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...manifest import ResNetSpec
-from ..layers import Conv2d, FrozenBatchNorm2d
+from ..layers import Conv2d, FrozenBatchNorm2d, conv_relu
 
 _BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -50,11 +50,9 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Block forward."""
-        out = F.relu_(self.conv1(x))
-        out = F.relu_(self.conv2(out))
-        out = self.conv3(out)
-        out += x if self.shortcut is None else self.shortcut(x)
-        return F.relu_(out)
+        out = conv_relu(self.conv1, x)
+        out = conv_relu(self.conv2, out)
+        return conv_relu(self.conv3, out, residual=x if self.shortcut is None else self.shortcut(x))
 
 
 def make_stage(num_blocks: int, first_stride: int, in_channels: int, out_channels: int,

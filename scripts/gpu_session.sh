@@ -37,8 +37,24 @@ $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
 # model (and is enough to tell whether B is worth running); B benchmarks the other baselines and checks parity.
 # Most important first inside each: a step that runs out of time only loses what comes after it. One log per step
 # (some share extras.log) plus summary.log: at most 8 files, the most the device tool brings back.
+# Q: a shorter recheck (about 410 s of steps) for a session with little device time left: kernels, the fused and
+# graph paths, the headline model in full, the other baselines in their fastest variants, parity.
 phase=${1:-all}
-case $phase in A|B|all) ;; *) echo "usage: gpu_session.sh [A|B|all]" >&2; exit 2 ;; esac
+case $phase in A|B|Q|all) ;; *) echo "usage: gpu_session.sh [A|B|Q|all]" >&2; exit 2 ;; esac
+if [ "$phase" = Q ]; then
+  step tests_kernels_gpu 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider tests/test_kernels_gpu.py
+  step bench_kernels 50 $PY scripts/bench_kernels.py
+  step tests_static_cuda 50 $PY -m pytest -q --timeout 40 -p no:cacheprovider -k cuda tests/test_static_path.py \
+    tests/test_conv_fusion.py
+  step bench_e2e_headline 75 $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
+  step bench_e2e 90 $PY scripts/bench_e2e.py --device cuda --warmup 5 --no-torchvision \
+    --variants fp32+graphs,fp32+graphs+fused,bf16+graphs+fused \
+    --models faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
+  step parity_cuda 60 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
+  LOG=extras step profile_e2e 25 $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused
+  cat "$summary"
+  exit 0
+fi
 if [ "$phase" != B ]; then  # A: 280 s of steps
   # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
   step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py

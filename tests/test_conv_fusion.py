@@ -80,7 +80,8 @@ def test_cuda_fused_equals_unfused(dtype, k, stride, dilation, groups):
     conv.fold_norm = True
     plain = nn.Conv2d(32, 64, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
                       groups=groups).cuda()
-    x = torch.randn(2, 32, 24, 20, device="cuda").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 24, 20, generator=torch.Generator().manual_seed(k * 10 + stride)).cuda()
+    x = x.to(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         xx = x.to(dtype)
         r = conv(xx)  # a residual of the output's shape, layout and dtype

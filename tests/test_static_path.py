@@ -464,11 +464,15 @@ def test_cuda_predict_iter_gives_predicts_results():
 
 @cuda
 def test_cuda_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
+    img = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    earlier = _tiny("mask_rcnn_R_50_FPN_3x").cuda()  # a graph captured before the failure
+    earlier.static_shapes, earlier.cuda_graphs = True, True
+    replayed = [earlier.predict(img) for _ in range(2)][1]
+    assert len(earlier._graph_cache) == 1
     # the torch NMS reads values on the host, which a capture cannot hold: run eagerly instead
     monkeypatch.setenv("ZOO_OPS", "torch")
     m = _tiny("mask_rcnn_R_50_FPN_3x").cuda()
     m.static_shapes, m.cuda_graphs = True, True
-    img = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
     m.predict(img)  # the first use runs eagerly; the second tries to capture
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
         got = m.predict(img)
@@ -476,6 +480,11 @@ def test_cuda_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
     want = m.predict(img)
     _assert_same(want, got)
     assert len(m._graph_cache) == 0
+    # a failed capture leaves PyTorch's CUDA generator marked as capturing unless GraphCache resets it: random
+    # ops and replays of other graphs would then fail ("Offset increment outside graph capture")
+    assert torch.randn(3, device="cuda").shape == (3,)
+    monkeypatch.delenv("ZOO_OPS")
+    _assert_same(replayed, earlier.predict(img))
 
 
 @cuda

@@ -77,55 +77,73 @@ def _or(a, b):
     return a | b
 
 
+@triton.jit
+def _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_words, count, max_out,
+                BLOCK_W: tl.constexpr):
+    """Resolve 64-box block `b`: write its kept boxes after the `count` kept so far, mark what they remove in
+    every later word; returns the new count."""
+    lane = tl.arange(0, 64)
+    one = tl.full([], 1, tl.int64)
+    rows = b * 64 + lane
+    valid = rows < n
+    # Rows past n count as already removed.
+    pad = tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
+    rem = tl.load(removed_ptr + b, volatile=True) | pad
+    keepw = tl.zeros([], dtype=tl.int64)
+    for t in tl.static_range(64):
+        # each row's diagonal word as a scalar load: the loads do not depend on `rem`, so they
+        # can all be in flight at once, where a cross-lane reduction per step would serialise
+        r_t = b * 64 + t
+        d_t = tl.load(mask_ptr + r_t.to(tl.int64) * n_words + b, mask=r_t < n, other=0)
+        free = ((rem >> t) & 1) == 0
+        rem = tl.where(free, rem | d_t, rem)
+        keepw = tl.where(free, keepw | (one << t), keepw)
+    kept = ((keepw >> lane.to(tl.int64)) & 1) == 1
+    pos = count + tl.cumsum(kept.to(tl.int64), 0) - 1
+    src = tl.load(order_ptr + rows, mask=kept, other=0)
+    tl.store(out_ptr + pos, src, mask=kept & (pos < max_out))
+    count += tl.sum(kept.to(tl.int64))
+    # Propagate this block's kept rows to every later word.
+    for c0 in range(b + 1, live_words, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        cm = cols < live_words
+        tile = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + cols[None, :],
+                       mask=kept[:, None] & cm[None, :], other=0)
+        acc = tl.reduce(tile, 0, _or)
+        old = tl.load(removed_ptr + cols, mask=cm, other=0, volatile=True)
+        tl.store(removed_ptr + cols, old | acc, mask=cm)
+    tl.debug_barrier()  # make the removed words visible to the next block's load
+    return count
+
+
 @triton.jit(do_not_specialize=["n", "n_words", "max_out"])
 def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
-                     n, n_ptr, n_words, max_out, N_FROM_PTR: tl.constexpr, BLOCK_W: tl.constexpr):
+                     n, n_ptr, n_words, max_out, N_FROM_PTR: tl.constexpr, STOP_AT_MAX: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)  # one program per problem
     mask_ptr += g * n * n_words
     order_ptr += g * n
     removed_ptr += g * n_words
     out_ptr += g * max_out
     count_ptr += g
-    lane = tl.arange(0, 64)
-    one = tl.full([], 1, tl.int64)
     count = tl.zeros([], dtype=tl.int64)
     if N_FROM_PTR:
         n = tl.load(n_ptr + g)
     live_words = (n + 63) // 64  # n_words stays the row stride of the mask
-    b = 0
-    # Greedy NMS decides each box from higher-scoring ones only, so once max_out are kept the rest cannot change
-    # the output: stop there (the RPN keeps 1000 of ~4700, the box head 100 of thousands).
-    while (b < live_words) & (count < max_out):
-        rows = b * 64 + lane
-        valid = rows < n
-        # Rows past n count as already removed.
-        pad = tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
-        rem = tl.load(removed_ptr + b, volatile=True) | pad
-        keepw = tl.zeros([], dtype=tl.int64)
-        for t in tl.static_range(64):
-            # each row's diagonal word as a scalar load: the loads do not depend on `rem`, so they
-            # can all be in flight at once, where a cross-lane reduction per step would serialise
-            r_t = b * 64 + t
-            d_t = tl.load(mask_ptr + r_t.to(tl.int64) * n_words + b, mask=r_t < n, other=0)
-            free = ((rem >> t) & 1) == 0
-            rem = tl.where(free, rem | d_t, rem)
-            keepw = tl.where(free, keepw | (one << t), keepw)
-        kept = ((keepw >> lane.to(tl.int64)) & 1) == 1
-        pos = count + tl.cumsum(kept.to(tl.int64), 0) - 1
-        src = tl.load(order_ptr + rows, mask=kept, other=0)
-        tl.store(out_ptr + pos, src, mask=kept & (pos < max_out))
-        count += tl.sum(kept.to(tl.int64))
-        # Propagate this block's kept rows to every later word.
-        for c0 in range(b + 1, live_words, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            cm = cols < live_words
-            tile = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + cols[None, :],
-                           mask=kept[:, None] & cm[None, :], other=0)
-            acc = tl.reduce(tile, 0, _or)
-            old = tl.load(removed_ptr + cols, mask=cm, other=0, volatile=True)
-            tl.store(removed_ptr + cols, old | acc, mask=cm)
-        tl.debug_barrier()  # make the removed words visible to the next block's load
-        b += 1
+    if STOP_AT_MAX:
+        # Greedy NMS decides each box from higher-scoring ones only, so once max_out are kept the rest cannot
+        # change the output: stop there (the RPN keeps 1000 of ~4700, the box head 100 of thousands).
+        b = 0
+        while (b < live_words) & (count < max_out):
+            count = _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_words, count,
+                                max_out, BLOCK_W)
+            b += 1
+    else:
+        # a counted loop when every box may be kept: on the H100 the while loop made full NMS of 4700 boxes
+        # 1.8x slower (0.78 -> 1.42 ms)
+        for b in range(0, live_words):
+            count = _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_words, count,
+                                max_out, BLOCK_W)
     tl.store(count_ptr, tl.minimum(count, max_out))
 
 
@@ -189,7 +207,8 @@ def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float,
     # One warp per problem: the per-box steps are scalar chains.
     block_w = min(16, triton.next_power_of_2(n_words))  # no spill on sm_90 (test_kernels_compile)
     _nms_scan_kernel[(groups,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
-                                N_FROM_PTR=live is not None, BLOCK_W=block_w, num_warps=1)
+                                N_FROM_PTR=live is not None, STOP_AT_MAX=max_out < n, BLOCK_W=block_w,
+                                num_warps=1)
     return (out[0], count[0]) if single else (out, count)
 
 

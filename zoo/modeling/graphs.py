@@ -105,10 +105,28 @@ class GraphCache:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = _compacted(model, static_in, static_sizes)
         except Exception as e:  # e.g. ZOO_OPS=torch, whose NMS reads values on the host
+            _reset_rng_after_failed_capture(static_in.device)
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                           "running this input shape without graphs", RuntimeWarning, stacklevel=3)
             return None
         return graph, static_in, static_sizes, out
+
+
+def _reset_rng_after_failed_capture(device: torch.device) -> None:
+    """A capture that fails ends without its generator epilogue, so PyTorch leaves the device's default CUDA
+    generator marked as capturing: every later random op there ("Offset increment outside graph capture
+    encountered unexpectedly") and every replay of earlier graphs then fails (seen on the H100, torch 2.11).
+    A trivial capture that succeeds runs that epilogue and clears the mark."""
+    try:
+        t = torch.zeros(1, device=device)
+        with torch.cuda.device(device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                t.add_(1)
+        del graph
+    except Exception as e:  # leave the original failure as the one reported
+        warnings.warn(f"could not reset the CUDA generator after a failed capture ({type(e).__name__}); random "
+                      "ops on this device may fail", RuntimeWarning, stacklevel=4)
 
 
 def _compacted(model, images: torch.Tensor, sizes: torch.Tensor) -> InstanceBatch:

@@ -2,7 +2,7 @@
 # One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
 #   bash scripts/gpu_session.sh [A|B|all]  # logs and tables land in $OUT (or ./gpu_out)
-# Every step has its own timeout (phase A: 280 s in all, B: 395 s); a failing step does not stop
+# Every step has its own timeout (phase A: 280 s in all, B: 475 s); a failing step does not stop
 # the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -50,7 +50,8 @@ if [ "$phase" = Q ]; then
   step bench_e2e 90 $PY scripts/bench_e2e.py --device cuda --warmup 5 --no-torchvision \
     --variants fp32+graphs,fp32+graphs+fused,bf16+graphs+fused \
     --models faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
-  step parity_cuda 60 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
+  LOG=parity_cuda step parity_cuda_fused 60 env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 $PY -m pytest -q \
+    -p no:cacheprovider tests/test_parity.py
   LOG=extras step profile_e2e 25 $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused
   cat "$summary"
   exit 0
@@ -63,11 +64,14 @@ if [ "$phase" != B ]; then  # A: 280 s of steps
   step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py \
     tests/test_conv_fusion.py
 fi
-if [ "$phase" != A ]; then  # B: 395 s of steps
+if [ "$phase" != A ]; then  # B: 475 s of steps
   step bench_e2e 200 $PY scripts/bench_e2e.py --device cuda --warmup 5 \
     --models faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
   # parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
   step parity_cuda 80 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
+  # the same with cuDNN's fused conv-bias-add-relu (cudnn_fusion), which is off by default until this passes
+  step parity_cuda_fused 80 env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 $PY -m pytest -q -p no:cacheprovider \
+    tests/test_parity.py
   step tests_model_cuda 30 $PY -m pytest -q --timeout 25 -p no:cacheprovider -k cuda \
     tests/test_modeling_components.py tests/test_precision_batching.py
   LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused  # where the time goes

@@ -44,6 +44,8 @@ if DEVICE.startswith("cuda"):
         pytest.skip("ZOO_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+# ZOO_TEST_CUDNN_FUSION=1 checks the networks with model.cudnn_fusion on (it acts on CUDA only)
+CUDNN_FUSION = os.environ.get("ZOO_TEST_CUDNN_FUSION") == "1"
 
 
 def _fixture(name: str, image: str) -> dict:
@@ -109,6 +111,7 @@ class Runner:
             keys = state_dict_keys(name)
             model = build_model(arch)
             load_weights(model, self._synth(keys, key[1], key[2]))
+            model.cudnn_fusion = CUDNN_FUSION
             self._model, self._key = model.to(DEVICE), key
         return self._model
 

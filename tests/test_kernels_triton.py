@@ -155,7 +155,8 @@ def test_multilevel_forward_and_backward(K):
 
 def test_roi_align_reads_channels_last_maps_as_they_are(K):
     """The fast convolutions leave channels-last maps: the kernel reads them in place (no NCHW copy of the pyramid)
-    with the same arithmetic, so outputs and gradients equal the NCHW run's bit for bit."""
+    and writes a channels-last result, with the same arithmetic, so outputs and gradients equal the NCHW run's bit
+    for bit."""
     RA = importlib.import_module("zoo.kernels.roi_align")
     gen = torch.Generator().manual_seed(12)
     feats, scales, boxes = _pyramid(gen, C=5)
@@ -167,6 +168,8 @@ def test_roi_align_reads_channels_last_maps_as_they_are(K):
     out = K.multilevel_roi_align(nhwc, boxes, 3, scales, 0, True)
     ref = K.multilevel_roi_align(nchw, boxes, 3, scales, 0, True)
     assert torch.equal(out, ref)
+    # the result keeps the maps' layout (what the convolutions after a pooler read)
+    assert out.is_contiguous(memory_format=torch.channels_last) and ref.is_contiguous()
     g = torch.randn(out.shape, generator=gen)
     for a, b in zip(torch.autograd.grad(out, nhwc, g), torch.autograd.grad(ref, nchw, g)):
         assert torch.equal(a, b)

@@ -315,8 +315,10 @@ def _tiny(name: str):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy 0/0 in the kernels' padded lanes
 @pytest.mark.parametrize("name", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_1x"])
-def test_static_path_never_syncs(interpreted_kernels, name):
+@pytest.mark.parametrize("fast_convs", [False, True])  # True: channels-last maps and pooled ROIs, as on CUDA
+def test_static_path_never_syncs(interpreted_kernels, name, fast_convs):
     m = _tiny(name)
+    m.fast_convs = fast_convs
     m.static_shapes = True
     gen = torch.Generator().manual_seed(1)
     images = [(torch.rand(48, 64, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(2)]

@@ -1,7 +1,7 @@
 """Triton ROIAlign: one kernel for single-level and fused multi-level (FPN) pooling.
 
 Each program pools one ROI for a block of channels and all output bins, from NCHW or
-channels-last (NHWC) maps as they are. With several
+channels-last (NHWC) maps as they are, into a result of the same layout. With several
 levels the program assigns the ROI's level itself (Detectron2's formula) and reads
 that level's map, so the whole FPN pooler is one launch with output in box order.
 Backward scatters into fp32 gradient buffers with atomic adds.
@@ -153,6 +153,18 @@ def _at(y, x, W, pix, CHANNELS_LAST: tl.constexpr):
     return ((y * W + x) * pix)[None, :]
 
 
+@triton.jit
+def _pooled(base, k, C, offs_c, offs_b, OH: tl.constexpr, OW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Pointers to ROI k's output bins for this program's channels ([BLOCK_C, BLOCK_B]), laid out like the maps:
+    a channels-last result is what the convolutions after a C4 or mask pooler read, and its stores run along the
+    same channels as the loads."""
+    if CHANNELS_LAST:
+        ptr = base + (k.to(tl.int64) * (OH * OW) * C + offs_c.to(tl.int64))[:, None] + (offs_b * C)[None, :]
+    else:
+        ptr = base + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
+    return ptr
+
+
 _NO_SPEC = ["C", "H0", "H1", "H2", "H3", "H4", "W0", "W1", "W2", "W3", "W4", "sr"]
 
 
@@ -191,7 +203,7 @@ def _roi_align_fwd_kernel(
                     + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
     count = tl.maximum(gh * gw, 1) * 1.0
     res = tl.math.div_rn(acc, count + tl.zeros_like(acc))
-    optr = out_ptr + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
+    optr = _pooled(out_ptr, k, C, offs_c, offs_b, OH, OW, CHANNELS_LAST)
     tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & bmask[None, :])
 
 
@@ -213,7 +225,7 @@ def _roi_align_bwd_kernel(
         INTERPRET)
     grad = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
     offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, C, OH, OW, BLOCK_C, BLOCK_B)
-    gptr = gout_ptr + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
+    gptr = _pooled(gout_ptr, k, C, offs_c, offs_b, OH, OW, CHANNELS_LAST)
     g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(gh * gw, 1) * 1.0
     g = tl.math.div_rn(g, count + tl.zeros_like(g))
@@ -287,7 +299,9 @@ class _RoiAlignFn(torch.autograd.Function):
             feats = tuple(f.contiguous() for f in feats)
         C = feats[0].shape[1]
         a = _Args(feats, scales)
-        out = feats[0].new_empty((rois.shape[0], C, oh, ow))
+        # the result takes the maps' layout, as PyTorch's own ops do (the backward reads NCHW: gout.contiguous())
+        out = torch.empty((rois.shape[0], C, oh, ow), dtype=feats[0].dtype, device=feats[0].device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if rois.shape[0] > 0 and C > 0:
             _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, sr, aligned, channels_last)
         ctx.save_for_backward(rois)

@@ -148,7 +148,7 @@ def _planes(base, bi, offs_c, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _at(y, x, W, pix, CHANNELS_LAST: tl.constexpr):
+def _at(y, x, W, pix):
     """Offset of pixels (y, x) from `_planes`' pointers, as a [1, BLOCK_B] row (int32: H*W*C < 2**31 is checked)."""
     return ((y * W + x) * pix)[None, :]
 
@@ -195,10 +195,10 @@ def _roi_align_fwd_kernel(
         for ix in range(0, gw):
             xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
             m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
-            v1 = tl.load(plane + _at(ylo, xlo, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(plane + _at(ylo, xhi, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
-            v3 = tl.load(plane + _at(yhi, xlo, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
-            v4 = tl.load(plane + _at(yhi, xhi, W, pix, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
+            v1 = tl.load(plane + _at(ylo, xlo, W, pix), mask=m, other=0.0).to(tl.float32)
+            v2 = tl.load(plane + _at(ylo, xhi, W, pix), mask=m, other=0.0).to(tl.float32)
+            v3 = tl.load(plane + _at(yhi, xlo, W, pix), mask=m, other=0.0).to(tl.float32)
+            v4 = tl.load(plane + _at(yhi, xhi, W, pix), mask=m, other=0.0).to(tl.float32)
             acc += ((wyl * wxl)[None, :] * v1 + (wyl * wxh)[None, :] * v2
                     + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
     count = tl.maximum(gh * gw, 1) * 1.0
@@ -237,10 +237,10 @@ def _roi_align_bwd_kernel(
         for ix in range(0, gw):
             xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
             m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
-            tl.atomic_add(plane + _at(ylo, xlo, W, pix, CHANNELS_LAST), g * (wyl * wxl)[None, :], mask=m)
-            tl.atomic_add(plane + _at(ylo, xhi, W, pix, CHANNELS_LAST), g * (wyl * wxh)[None, :], mask=m)
-            tl.atomic_add(plane + _at(yhi, xlo, W, pix, CHANNELS_LAST), g * (wyh * wxl)[None, :], mask=m)
-            tl.atomic_add(plane + _at(yhi, xhi, W, pix, CHANNELS_LAST), g * (wyh * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + _at(ylo, xlo, W, pix), g * (wyl * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + _at(ylo, xhi, W, pix), g * (wyl * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + _at(yhi, xlo, W, pix), g * (wyh * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + _at(yhi, xhi, W, pix), g * (wyh * wxh)[None, :], mask=m)
 
 
 def _blocks(C: int, oh: int, ow: int) -> tuple[int, int, int]:

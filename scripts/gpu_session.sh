@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
-#   bash scripts/gpu_session.sh [A|B|all]  # logs and tables land in $OUT (or ./gpu_out)
+#   bash scripts/gpu_session.sh [A|B|Q|all]  # logs and tables land in $OUT (or ./gpu_out)
 # Every step has its own timeout (phase A: 280 s in all, B: 475 s); a failing step does not stop
 # the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
 set -u

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             torch.cuda.synchronize()
 
-    model = synth_model(args.model, device)
-    apply_variant(model, args.variant)
     if args.batch < 1:
         raise SystemExit(f"--batch {args.batch}: give 1 or more images per call")
+    model = synth_model(args.model, device)
+    apply_variant(model, args.variant)
     img = load_image()
     batch = img if args.batch == 1 else [img] * args.batch
     for _ in range(5 if on_gpu else 1):

@@ -73,25 +73,24 @@ def synth_model(name: str, device: torch.device):
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
-    """'bf16+graphs' -> ('bf16', ['graphs']): the precision, then flags (graphs, dynamic, fused, tf32, torchops)."""
+    """'bf16+graphs' -> ('bf16', ['graphs']): the precision, then flags (graphs, dynamic, fused, torchops)."""
     prec, *flags = variant.split("+")
     return prec, flags
 
 
 def apply_variant(model, variant: str) -> list[str]:
     """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic', '+fused' for
-    cudnn_fusion, '+tf32' for TF32 matrix products, a process-wide PyTorch flag); returns its flags."""
+    cudnn_fusion); returns its flags."""
     prec, flags = parse_variant(variant)
-    unknown = set(flags) - {"graphs", "dynamic", "fused", "tf32", "torchops"}
+    unknown = set(flags) - {"graphs", "dynamic", "fused", "torchops"}
     if unknown:
         raise SystemExit(f"unknown variant flag(s) {', '.join(sorted(unknown))} in {variant!r}; "
-                         "use graphs, dynamic, fused, tf32 or torchops")
+                         "use graphs, dynamic, fused or torchops")
     model.clear_cuda_graphs()  # an earlier variant's graphs would hold memory and count in this one's peak
     model.precision = prec
     model.cuda_graphs = "graphs" in flags
     model.static_shapes = False if "dynamic" in flags else None
     model.cudnn_fusion = "fused" in flags
-    torch.backends.cuda.matmul.allow_tf32 = "tf32" in flags  # PyTorch's default is False
     return flags
 
 
@@ -156,12 +155,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
     ap.add_argument("--batch-iters", type=int, default=10, help="timed batched runs (median)")
     ap.add_argument("--variants", "--precisions", dest="variants",
-                    default="fp32,fp32+dynamic,fp32+graphs,fp32+graphs+fused,fp32+graphs+fused+tf32,bf16+graphs,"
+                    default="fp32,fp32+dynamic,fp32+graphs,fp32+graphs+fused,tf32+graphs+fused,bf16+graphs,"
                             "bf16+graphs+fused",
-                    help="zoo variants to time: a precision (fp32, bf16, fp16), '+graphs' for CUDA graphs, "
+                    help="zoo variants to time: a precision (fp32, tf32, bf16, fp16), '+graphs' for CUDA graphs, "
                          "'+dynamic' for the dynamic (host-synchronising) path, '+fused' for cuDNN's fused "
-                         "conv-bias-add-relu (cudnn_fusion), '+tf32' for TF32 matrix products, "
-                         "'+torchops' for ZOO_OPS=torch")
+                         "conv-bias-add-relu (cudnn_fusion), '+torchops' for ZOO_OPS=torch")
     ap.add_argument("--no-torchvision", action="store_true", help="skip torchvision's counterparts")
     ap.add_argument("--quick", action="store_true", help="tiny counts: 3 timed runs, 1 warm-up, 1 batched run")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -179,8 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"CPU, {torch.get_num_threads()} threads"
-        tf32_default = torch.backends.cuda.matmul.allow_tf32  # '+tf32' variants change it; torchvision gets this
-        tf32 = (f", TF32 matmul={tf32_default} cudnn={torch.backends.cudnn.allow_tf32}"
+        tf32 = (f", TF32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
                 if device.type == "cuda" else "")
         notes.append(f"{where}, torch {torch.__version__}{tf32}; image 938x800; batch-1 median of {args.iters} "
                      f"after {args.warmup} warm-up; batch {args.batch} median of {args.batch_iters}")
@@ -196,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ref = None  # the first fp32 variant's detections
             for variant in [p.strip() for p in args.variants.split(",") if p.strip()]:
                 prec, flags = parse_variant(variant)
-                if device.type != "cuda" and (prec == "fp16" or "graphs" in flags):
+                if device.type != "cuda" and (prec in ("fp16", "tf32") or "graphs" in flags):
                     notes.append(f"{name} {variant}: skipped (needs CUDA)")
                     continue
                 apply_variant(model, variant)
@@ -225,7 +222,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"{fmt(r['peak1'], '.0f')} | {fmt(r['peakb'], '.0f')} | {r['dets']} | {matched} |")
                 print(lines[-1], flush=True)
             del model, ref
-            torch.backends.cuda.matmul.allow_tf32 = tf32_default
             if name in TV_MODELS and not tv_ok and device.type != "cuda":
                 notes.append(f"{name}: torchvision's {TV_MODELS[name][0]} not timed (CPU run; GPU-only)")
             if name in TV_MODELS and tv_ok:

@@ -69,12 +69,31 @@ def test_precision_validation(model):
     for name, bad in [("static_shapes", "yes"), ("fast_convs", 1), ("cuda_graphs", "no")]:
         with pytest.raises(InputError, match=name):
             setattr(model, name, bad)
-    model.precision = "fp16"
-    with pytest.raises(InputError, match="needs a CUDA device"):
-        model.predict(_image("grace_hopper"))
-    model.precision = "fp32"
-    with pytest.raises(InputError, match="needs a CUDA device"):
-        zoo.get(NAME, pretrained=False, device="cpu", precision="fp16")
+    for cuda_only in ("fp16", "tf32"):
+        model.precision = cuda_only
+        with pytest.raises(InputError, match=f"precision '{cuda_only}' needs a CUDA device"):
+            model.predict(_image("grace_hopper"))
+        model.precision = "fp32"
+        with pytest.raises(InputError, match="needs a CUDA device"):
+            zoo.get(NAME, pretrained=False, device="cpu", precision=cuda_only)
+
+
+def test_tf32_context_restores_pytorchs_settings():
+    from zoo.modeling.detector import _tf32
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with _tf32():
+            assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError, match="inside"):
+            with _tf32():
+                raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def test_ops_under_autocast():
@@ -138,7 +157,7 @@ def test_batched_predict_equals_single(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
 def test_cuda_precision_matches_cpu_fp32(model, precision):
     """On CUDA (Triton ops by default) every precision meets the top-N criterion against CPU fp32.
 

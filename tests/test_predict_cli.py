@@ -219,11 +219,12 @@ def test_cli_precision_choices_are_the_models():
     assert PRECISION_CHOICES == tuple(PRECISIONS)
 
 
-def test_fp16_on_cpu_is_refused_before_anything(tmp_path, small_env):
+@pytest.mark.parametrize("precision", ["fp16", "tf32"])
+def test_cuda_only_precision_on_cpu_is_refused_before_anything(tmp_path, small_env, precision):
     name, env = small_env
-    r = zoo_cmd("predict", name, str(IMAGES / "grace_hopper.png"), "--device", "cpu", "--precision", "fp16",
+    r = zoo_cmd("predict", name, str(IMAGES / "grace_hopper.png"), "--device", "cpu", "--precision", precision,
                 env=env, cwd=tmp_path)
-    assert_one_line_error(r, "fp16", "bf16")
+    assert_one_line_error(r, precision, "bf16")
     assert not (tmp_path / "predictions").exists()
 
 

@@ -65,9 +65,10 @@ def get(
 ) -> torch.nn.Module:
     """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights).
 
-    precision: "fp32" (default; the exact path), "bf16" (CPU or CUDA) or "fp16" (CUDA only) runs the
-    network under torch.autocast; boxes, scores and masks come back fp32/bool either way. It can be
-    changed later with `model.precision = ...`.
+    precision: "fp32" (default; the exact path), "tf32" (CUDA only: fp32 tensors with TF32 tensor-core math for
+    matrix products and convolutions), "bf16" (CPU or CUDA) or "fp16" (CUDA only; these two run the network under
+    torch.autocast); boxes, scores and masks come back fp32/bool either way. It can be changed later with
+    `model.precision = ...`.
 
     static_shapes: None (default) uses the fixed-shape, sync-free inference path on CUDA and the dynamic one
     on CPU; True/False forces one (same detections). cuda_graphs=True (CUDA only) replays the fixed-shape

@@ -11,7 +11,7 @@ from .errors import InputError, ZooError
 from .hub.cache import write_file_atomic, write_json_atomic
 
 # the keys of zoo.modeling.detector.PRECISIONS, spelled out so that building the parser does not import torch
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("fp32", "tf32", "bf16", "fp16")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BENCH_IMAGE = Path(__file__).resolve().parent / "assets" / "grace_hopper.jpg"
@@ -291,8 +291,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_user_commands(sub: Any) -> None:
     """Register predict, eval and bench on the `zoo` subparsers."""
     device_help = "auto (CUDA when present), cpu or cuda[:N]"
-    precision_help = ("network precision: fp32 (default, exact), bf16 (CPU or CUDA) or fp16 (CUDA); the reduced "
-                      "ones run faster on hardware made for them and are not parity-exact")
+    precision_help = ("network precision: fp32 (default, exact), tf32 (CUDA), bf16 (CPU or CUDA) or fp16 (CUDA); "
+                      "the reduced ones run faster on hardware made for them and are not parity-exact")
 
     def add_size_options(p: Any) -> None:
         p.add_argument("--min-size", type=int, help="resize the shorter image side to this (default: the "

@@ -20,8 +20,9 @@ from .rpn import RPN, ProposalBatch, Proposals
 from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_size, to_rgb_array
 
 
-# precision name -> autocast dtype (None: plain fp32, the path parity is measured on)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision name -> autocast dtype (None: fp32 tensors; "fp32" is the path parity is measured on, "tf32" the same
+# network with TF32 tensor-core math for its matrix products and convolutions, on CUDA)
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_precision_name(precision: Any) -> None:
@@ -32,9 +33,23 @@ def _check_precision_name(precision: Any) -> None:
 def check_precision(precision: str, device: torch.device) -> str:
     """Validate a precision name for a device; returns it, or raises InputError saying what works."""
     _check_precision_name(precision)
-    if precision == "fp16" and torch.device(device).type != "cuda":
-        raise InputError("precision 'fp16' needs a CUDA device; on CPU use precision='bf16' (or 'fp32')")
+    if precision in ("fp16", "tf32") and torch.device(device).type != "cuda":
+        raise InputError(f"precision {precision!r} needs a CUDA device; on CPU use precision='bf16' (or 'fp32')")
     return precision
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """TF32 for fp32 matrix products and convolutions inside the block, PyTorch's settings restored after.
+    They are process-wide: another thread's CUDA work during the block gets TF32 too."""
+    matmul, conv = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = conv
 
 
 def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device: torch.device) -> None:
@@ -92,7 +107,8 @@ class GeneralizedRCNN(nn.Module):
         self.max_size_test = inp.max_size_test
         self.size_divisibility = inp.size_divisibility
         self.mask_threshold = arch.roi_heads.mask_head.mask_threshold if arch.roi_heads.mask_head else 0.5
-        # "fp32" (exact, default), "bf16" or "fp16" (CUDA): the network runs under torch.autocast, while box
+        # "fp32" (exact, default), "tf32" (CUDA: fp32 with TF32 math), "bf16" or "fp16" (CUDA): the last two
+        # run the network under torch.autocast, while box
         # decoding, scores, NMS and mask pasting stay fp32
         self.precision = "fp32"
         # True: the fixed-shape inference path (no host synchronisation until the detections are read;
@@ -187,10 +203,12 @@ class GeneralizedRCNN(nn.Module):
 
     @contextlib.contextmanager
     def _forward_context(self, device: torch.device):
-        """The forward pass's numeric context: autocast for bf16/fp16, and cuDNN fusion when it is on."""
-        dtype = PRECISIONS[check_precision(self.precision, device)]
-        with cudnn_fusion(self.cudnn_fusion), \
-                (contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)):
+        """The forward pass's numeric context: autocast for bf16/fp16, TF32 for tf32, and cuDNN fusion when on."""
+        precision = check_precision(self.precision, device)
+        dtype = PRECISIONS[precision]
+        numeric = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                   else _tf32() if precision == "tf32" else contextlib.nullcontext())
+        with cudnn_fusion(self.cudnn_fusion), numeric:
             yield
 
     def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> Trace:

@@ -22,6 +22,11 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
+def _no_grad_call(conv: nn.Conv2d) -> bool:
+    """Whether this call of `conv` needs no gradient: only then may it run a cached or fused form of itself."""
+    return not (torch.is_grad_enabled() and conv.weight.requires_grad)
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine terms, all stored as buffers (Detectron2 layout)."""
 
@@ -100,7 +105,7 @@ class Conv2d(nn.Conv2d):
         """Convolution followed by the (folded) frozen norm."""
         if self.norm is None:
             return super().forward(x)
-        if not self.fold_norm or (torch.is_grad_enabled() and self.weight.requires_grad):
+        if not (self.fold_norm and _no_grad_call(self)):
             return self.norm(self._conv_forward(x, self.weight, self.bias))
         w, b = self._folded_params(x.device.type)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -133,7 +138,7 @@ def _fusable_params(conv: nn.Conv2d, x: torch.Tensor,
         return None
     if conv.kernel_size == (7, 7):  # the stem: cuDNN's fused kernel is known to be slow there (pytorch#68506)
         return None
-    if torch.is_grad_enabled() and conv.weight.requires_grad:
+    if not _no_grad_call(conv):
         return None
     if isinstance(conv, Conv2d) and conv.norm is not None:
         if not conv.fold_norm:

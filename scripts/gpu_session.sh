@@ -39,42 +39,54 @@ $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
 # (some share extras.log) plus summary.log: at most 8 files, the most the device tool brings back.
 # Q: a shorter recheck (about 410 s of steps) for a session with little device time left: kernels, the fused and
 # graph paths, the headline model in full, the other baselines in their fastest variants, parity.
+# Steps that phases share, each taking its step timeout (pytest's own per-test timeout is 10 s less)
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+OTHERS=faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
+# CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs) and cudnn_fusion
+kernel_tests() { step tests_kernels_gpu "$1" "${PYTEST[@]}" --timeout $(($1 - 10)) tests/test_kernels_gpu.py; }
+static_tests() {
+  step tests_static_cuda "$1" "${PYTEST[@]}" --timeout $(($1 - 10)) -k cuda tests/test_static_path.py \
+    tests/test_conv_fusion.py
+}
+kernel_bench() { step bench_kernels "$1" $PY scripts/bench_kernels.py; }
+headline_bench() {
+  step bench_e2e_headline "$1" $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
+}
+others_bench() { local secs=$1; shift; step bench_e2e "$secs" $PY scripts/bench_e2e.py --device cuda --warmup 5 \
+  --models "$OTHERS" "$@"; }
+# parity with cuDNN's fused conv-bias-add-relu (cudnn_fusion), which is off by default until this passes
+fused_parity() {
+  step parity_cuda_fused "$1" env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 "${PYTEST[@]}" tests/test_parity.py
+}
+fused_profile() { LOG=extras step profile_e2e "$1" $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused; }
+
 phase=${1:-all}
 case $phase in A|B|Q|all) ;; *) echo "usage: gpu_session.sh [A|B|Q|all]" >&2; exit 2 ;; esac
 if [ "$phase" = Q ]; then
-  step tests_kernels_gpu 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider tests/test_kernels_gpu.py
-  step bench_kernels 50 $PY scripts/bench_kernels.py
-  step tests_static_cuda 50 $PY -m pytest -q --timeout 40 -p no:cacheprovider -k cuda tests/test_static_path.py \
-    tests/test_conv_fusion.py
-  step bench_e2e_headline 75 $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
-  step bench_e2e 90 $PY scripts/bench_e2e.py --device cuda --warmup 5 --no-torchvision \
-    --variants fp32+graphs,fp32+graphs+fused,bf16+graphs+fused \
-    --models faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
-  LOG=parity_cuda step parity_cuda_fused 60 env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 $PY -m pytest -q \
-    -p no:cacheprovider tests/test_parity.py
-  LOG=extras step profile_e2e 25 $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused
+  kernel_tests 60
+  kernel_bench 50
+  static_tests 50
+  headline_bench 75
+  others_bench 90 --no-torchvision --variants fp32+graphs,fp32+graphs+fused,bf16+graphs+fused
+  LOG=parity_cuda fused_parity 60
+  fused_profile 25
   cat "$summary"
   exit 0
 fi
 if [ "$phase" != B ]; then  # A: 280 s of steps
-  # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs)
-  step tests_kernels_gpu 70 $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/test_kernels_gpu.py
-  step bench_kernels 60 $PY scripts/bench_kernels.py
-  step bench_e2e_headline 90 $PY scripts/bench_e2e.py --device cuda --warmup 5 --models mask_rcnn_R_50_FPN_3x
-  step tests_static_cuda 60 $PY -m pytest -q --timeout 50 -p no:cacheprovider -k cuda tests/test_static_path.py \
-    tests/test_conv_fusion.py
+  kernel_tests 70
+  kernel_bench 60
+  headline_bench 90
+  static_tests 60
 fi
 if [ "$phase" != A ]; then  # B: 475 s of steps
-  step bench_e2e 200 $PY scripts/bench_e2e.py --device cuda --warmup 5 \
-    --models faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
+  others_bench 200
   # parity with Detectron2's recorded outputs, networks on the GPU (TF32 off inside the test)
-  step parity_cuda 80 env ZOO_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_parity.py
-  # the same with cuDNN's fused conv-bias-add-relu (cudnn_fusion), which is off by default until this passes
-  step parity_cuda_fused 80 env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 $PY -m pytest -q -p no:cacheprovider \
-    tests/test_parity.py
-  step tests_model_cuda 30 $PY -m pytest -q --timeout 25 -p no:cacheprovider -k cuda \
-    tests/test_modeling_components.py tests/test_precision_batching.py
-  LOG=extras step profile_e2e 30 $PY scripts/profile_e2e.py --iters 10 --variant fp32+fused  # where the time goes
+  step parity_cuda 80 env ZOO_TEST_DEVICE=cuda "${PYTEST[@]}" tests/test_parity.py
+  fused_parity 80
+  step tests_model_cuda 30 "${PYTEST[@]}" --timeout 25 -k cuda tests/test_modeling_components.py \
+    tests/test_precision_batching.py
+  fused_profile 30  # where the time goes
   LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
   # images/s from JPEG files: predict loop vs predict_iter (reader threads, batches)
   LOG=extras step bench_stream 30 $PY scripts/bench_stream.py --count 48

@@ -5,6 +5,11 @@ Prints a markdown table of median milliseconds and speed-ups. Without CUDA it sa
 so and times only the torch path on CPU (exit code 0).
 
     python scripts/bench_kernels.py [--repeats 20] [--warmup 3] [--only nms]
+    python scripts/bench_kernels.py --sweep [--only C4]
+
+`--sweep` times the Triton kernels under each candidate program tile (ROIAlign: channels x bins x warps; NMS
+scan: propagation words x warps) against the default one, and checks that each gives the default's result.
+It needs CUDA, or TRITON_INTERPRET=1 with `--tiny` (small inputs, to check the script itself on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zoo import ops  # noqa: E402
+from zoo import kernels  # noqa: E402
 from zoo.ops import reference  # noqa: E402
 from zoo.ops.synthetic import random_proposals, torchvision_pooler  # noqa: E402
 
@@ -143,6 +149,81 @@ def workloads(device: str, tv):
     return out
 
 
+# candidate tiles; the first of each list is the default (ROIAlign: channels, bins, warps; NMS scan: words, warps)
+POOL_TILES_7 = [(32, 64, 8), (32, 64, 4), (64, 32, 4), (64, 32, 8), (128, 16, 8), (256, 8, 8)]
+POOL_TILES_14 = [(8, 256, 8), (16, 128, 8), (32, 64, 4), (64, 32, 4), (128, 16, 4), (128, 16, 8), (256, 8, 8)]
+SCAN_TILES = [(16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (32, 4), (64, 4), (128, 4)]
+
+
+def sweeps(device: str, tiny: bool):
+    """(workload, run, candidate tiles, context manager forcing a tile) for the tile sweep."""
+    g = torch.Generator(device=device).manual_seed(0)
+    c, size, many, few, n_nms = (16, (64, 96), 24, 8, 300) if tiny else (256, (800, 1216), 1000, 100, 4700)
+    feats = [torch.randn(1, c, int(size[0] * s), int(size[1] * s), generator=g, device=device)
+             .to(memory_format=torch.channels_last) for s in SCALES]
+    res4 = torch.randn(1, 4 * c, size[0] // 16, size[1] // 16, generator=g, device=device)
+    # the main table's boxes at full size (RPN-like up to 800 px for the poolers, 300 px for NMS)
+    geo = dict(height=float(size[0]), width=float(size[1]), smax=20.0) if tiny else {}
+    rois_many = reference.boxes_to_rois([proposals(many, 1, device, **geo)])
+    rois_few = reference.boxes_to_rois([proposals(few, 2, device, **geo)])
+    rois_c4 = reference.boxes_to_rois([proposals(many, 3, device, **geo)])
+    res4_cl = res4.to(memory_format=torch.channels_last)
+    tri = dict(backend="triton")
+    pool = kernels.forced_roi_align_tile
+    out = [
+        (f"FPN pooler {many} boxes C={c} 7x7, channels-last maps",
+         lambda: ops.multilevel_roi_align(feats, rois_many, 7, SCALES, 0, True, **tri), POOL_TILES_7, pool),
+        (f"Mask pooler {few} boxes C={c} 14x14, channels-last maps",
+         lambda: ops.multilevel_roi_align(feats, rois_few, 14, SCALES, 0, True, **tri), POOL_TILES_14, pool),
+        (f"C4 pooler {many} boxes res4 C={4 * c} 14x14, channels-last",
+         lambda: ops.roi_align(res4_cl, rois_c4, 14, 1 / 16, 0, True, **tri), POOL_TILES_14, pool),
+        (f"C4 pooler {many} boxes res4 C={4 * c} 14x14, NCHW",
+         lambda: ops.roi_align(res4, rois_c4, 14, 1 / 16, 0, True, **tri), POOL_TILES_14, pool),
+    ]
+    b = proposals(n_nms, 10 + n_nms, device, **(geo or dict(smax=300.0)))
+    s = torch.rand(n_nms, generator=g, device=device)
+    lv = torch.arange(n_nms, device=device) * 5 // n_nms
+    ok = torch.ones(n_nms, dtype=torch.bool, device=device)
+    scan = kernels.forced_nms_scan
+    out += [
+        (f"NMS n={n_nms} (IoU 0.7)", lambda: ops.nms(b, s, 0.7, **tri), SCAN_TILES, scan),
+        (f"Fixed-shape batched NMS {n_nms} in 5 levels (RPN, IoU 0.7), top {many}",
+         lambda: ops.batched_nms_fixed(b, s, lv, ok, 0.7, many, **tri), SCAN_TILES, scan),
+    ]
+    return out
+
+
+def same(a, b) -> bool:
+    """Equal results (tensors, or tuples of them)."""
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return all(same(x, y) for x, y in zip(a, b))
+
+
+def run_sweep(device: str, tiny: bool, only: str, warmup: int, repeats: int) -> None:
+    """Print each candidate tile's median time against the default tile's, and whether its result is the same."""
+    print("| workload | tile | triton ms | vs default | same result |")
+    print("|---|---|---:|---:|---|")
+    for name, run, tiles, forced in sweeps(device, tiny):
+        if only and only.lower() not in name.lower():
+            continue
+        ref = run()
+        base = None
+        for tile in tiles:
+            with forced(*tile):
+                ok = same(run(), ref)
+                t = time_ms(run, device, warmup, repeats)
+            base = base or t
+            label = "x".join(map(str, tile)) + (" (default)" if tile == tiles[0] else "")
+            print(f"| {name} | {label} | {fmt(t)} | {speedup(base, t)} | {'yes' if ok else 'NO'} |", flush=True)
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def fmt(ms: Optional[float]) -> str:
     return "n/a" if ms is None else f"{ms:.3f}"
 
@@ -158,6 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first")
     ap.add_argument("--only", default="", help="substring filter on workload names")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' candidate tiles instead")
+    ap.add_argument("--tiny", action="store_true", help="--sweep on small inputs (for TRITON_INTERPRET=1 on CPU)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +248,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = "cuda" if cuda else "cpu"
     repeats = args.repeats or (20 if cuda else 3)
     warmup = args.warmup or (3 if cuda else 1)
+    if args.sweep:
+        if not cuda and not (args.tiny and kernels.INTERPRET):
+            print("--sweep needs CUDA (or TRITON_INTERPRET=1 with --tiny to check the script on CPU)")
+            return 2
+        if cuda:
+            print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_version()}, "
+                  f"median of {repeats} runs after {warmup} warm-up")
+        with torch.inference_mode():
+            run_sweep(device, args.tiny, args.only, warmup, repeats)
+        return 0
     torch_repeats = max(3, repeats // 4)
     tv = None
     if cuda:

@@ -181,6 +181,42 @@ def test_roi_align_reads_channels_last_maps_as_they_are(K):
                            K.roi_align(f, rois, 7, 0.25, sr, True))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_any_tile_gives_the_same_result(K, channels_last):
+    """bench_kernels sweeps program tiles, including bin blocks that split a ROI's bins over several programs
+    (14x14 = 196 bins in blocks of 32: the last block is 4 bins); each must pool exactly what the default does."""
+    RA = importlib.import_module("zoo.kernels.roi_align")
+    gen = torch.Generator().manual_seed(13)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats, scales, boxes = _pyramid(gen, C=6)
+    feats = [f.to(memory_format=fmt).requires_grad_() for f in feats]
+    boxes = [boxes[0][:6], boxes[1][:3]]
+    f = torch.randn(2, 12, 12, 16, generator=gen).to(memory_format=fmt).requires_grad_()
+    rois = _rois(gen, 2, 12, 16, 0.25)[::2]
+    runs = {"fpn 7x7": lambda: K.multilevel_roi_align(feats, boxes, 7, scales, 0, True),
+            "c4 14x14": lambda: K.roi_align(f, rois, 14, 0.25, 0, True)}
+    for name, run in runs.items():
+        ref = run()
+        inputs = feats if name.startswith("fpn") else [f]
+        g = torch.randn(ref.shape, generator=gen)
+        ref_grads = None if channels_last else torch.autograd.grad(ref, inputs, g)
+        for tile in ((4, 32, 2), (16, 16, 1)):
+            with RA.forced_tile(*tile):
+                out = run()
+            assert torch.equal(out, ref), (name, tile)
+            assert out.is_contiguous(memory_format=fmt)
+            if channels_last:  # the backward reads the gradient as NCHW either way
+                continue
+            # the backward's atomic adds may land in another order: close, not equal
+            with RA.forced_tile(*tile):
+                grads = torch.autograd.grad(out, inputs, g)
+            for a, b in zip(grads, ref_grads):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="powers of two"):
+        with RA.forced_tile(48, 32, 4):
+            pass
+
+
 def test_multilevel_single_level_and_dispatch(K, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(10)
@@ -213,6 +249,23 @@ def test_nms_matches_torch(K, n, ties):
         keep = K.nms(boxes, scores, thr)
         assert keep.dtype == torch.long
         assert torch.equal(keep, reference.nms(boxes, scores, thr))
+
+
+def test_nms_any_scan_tile_gives_the_same_result(K):
+    """bench_kernels sweeps the scan's propagation width and warps: narrow tiles walk the later words in several
+    steps, and the kept set must not change."""
+    NM = importlib.import_module("zoo.kernels.nms")
+    gen = torch.Generator().manual_seed(21)
+    boxes, scores = _boxes(gen, 600, False)  # 10 words
+    ref = reference.nms(boxes, scores, 0.5)
+    for tile in ((1, 1), (2, 2), (4, 1), (64, 4)):
+        with NM.forced_scan(*tile):
+            assert torch.equal(K.nms(boxes, scores, 0.5), ref), tile
+            idx, cnt = K.nms_fixed(boxes, scores, 0.5, 100)  # the early-stop loop
+            assert int(cnt) == 100 and torch.equal(idx, ref[:100]), tile
+    with pytest.raises(ValueError, match="powers of two"):
+        with NM.forced_scan(3, 1):
+            pass
 
 
 def test_nms_iou_exactly_at_threshold(K):

@@ -7,17 +7,21 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from user_support import ROOT
 
 MODEL = "faster_rcnn_R_50_FPN_3x"  # the quickest baseline at full size
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ZOO_OPS", None)
-    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+def run_script(*args: str, env: dict[str, str] | None = None, rc: int = 0) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("ZOO_OPS", "TRITON_INTERPRET"):
+        full_env.pop(k, None)
+    full_env.update(env or {})
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == rc, (res.stdout[-2000:], res.stderr[-4000:])
     return res
 
 
@@ -73,3 +77,21 @@ def test_cpu_bench_table():
     assert exact > 0 and fast > 0 and bf16 > 0 and d2 == 1.69
     share_all, share_top = (float(c.rstrip("%")) for c in cells[-1].split(" / "))
     assert 0 <= share_all <= 100 and share_top >= 90  # bf16 keeps fp32's best detections
+
+
+
+def test_bench_kernels_on_cpu():
+    res = run_script("scripts/bench_kernels.py", "--only", "NMS n=1000", "--repeats", "1")
+    cells = table_row(res.stdout, "NMS n=1000 (IoU 0.7)")
+    assert cells[1] == "n/a" and float(cells[3]) > 0  # no CUDA: only the torch column is timed
+
+
+def test_bench_kernels_sweep_under_the_interpreter():
+    res = run_script("scripts/bench_kernels.py", "--sweep", "--tiny", "--only", "NMS n=", "--repeats", "1",
+                     "--warmup", "1", env={"TRITON_INTERPRET": "1"})
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| NMS n=300")]
+    assert len(rows) == 9 and "16x1 (default)" in rows[0]
+    assert all(line.rstrip(" |").endswith("yes") for line in rows)  # every scan tile keeps the same boxes
+    if not torch.cuda.is_available():
+        res = run_script("scripts/bench_kernels.py", "--sweep", rc=2)
+        assert "--sweep needs CUDA" in res.stdout

@@ -9,6 +9,10 @@ result needs the final count (like torchvision); `nms_fixed` is fully sync-free.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +21,22 @@ from torch import Tensor
 from zoo.ops import reference
 
 _WORD = 64
+# (propagation tile width in words, warps) of the scan, when forced (see forced_scan)
+_SCAN: ContextVar[Optional[tuple[int, int]]] = ContextVar("zoo_nms_scan", default=None)
+
+
+@contextlib.contextmanager
+def forced_scan(block_w: int, warps: int) -> Iterator[None]:
+    """Launch every NMS scan inside the block with this propagation tile width (words) and warp count, for
+    scripts/bench_kernels.py's sweep; the result does not depend on them."""
+    for v in (block_w, warps):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"scan sizes must be powers of two, got {(block_w, warps)}")
+    token = _SCAN.set((block_w, warps))
+    try:
+        yield
+    finally:
+        _SCAN.reset(token)
 
 
 @triton.jit(do_not_specialize=["n", "n_words", "thr"])
@@ -205,10 +225,11 @@ def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float,
                                                  num_warps=_mask_warps(cdt), enable_fp_fusion=False)
     removed = torch.zeros((groups, n_words), dtype=torch.int64, device=dev)
     # One warp per problem: the per-box steps are scalar chains.
-    block_w = min(16, triton.next_power_of_2(n_words))  # no spill on sm_90 (test_kernels_compile)
+    block_w, warps = _SCAN.get() or (16, 1)  # 16 x 1: no spill on sm_90 (test_kernels_compile)
+    block_w = min(block_w, triton.next_power_of_2(n_words))
     _nms_scan_kernel[(groups,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
                                 N_FROM_PTR=live is not None, STOP_AT_MAX=max_out < n, BLOCK_W=block_w,
-                                num_warps=1)
+                                num_warps=warps)
     return (out[0], count[0]) if single else (out, count)
 
 

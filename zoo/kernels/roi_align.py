@@ -1,6 +1,6 @@
 """Triton ROIAlign: one kernel for single-level and fused multi-level (FPN) pooling.
 
-Each program pools one ROI for a block of channels and all output bins, from NCHW or
+Each program pools one ROI for a block of channels and a block of output bins, from NCHW or
 channels-last (NHWC) maps as they are, into a result of the same layout. With several
 levels the program assigns the ROI's level itself (Detectron2's formula) and reads
 that level's map, so the whole FPN pooler is one launch with output in box order.
@@ -9,8 +9,10 @@ Backward scatters into fp32 gradient buffers with atomic adds.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence, Union
+from contextvars import ContextVar
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import triton
@@ -123,10 +125,13 @@ def _roi_setup(rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, 
 
 
 @triton.jit
-def _tile(cb, C, OH: tl.constexpr, OW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+def _tile(cb, bb, C, OH: tl.constexpr, OW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
     """This program's channels and output bins, their masks, and each bin's (row, col)."""
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_b = tl.arange(0, BLOCK_B)
+    if BLOCK_B >= OH * OW:  # the usual tile, all bins: no offset (it cost sm_90 stack space at 128 registers)
+        offs_b = tl.arange(0, BLOCK_B)
+    else:
+        offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
     ph = (offs_b // OW).to(tl.float32)
     pw = (offs_b % OW).to(tl.float32)
     return offs_c, offs_b, offs_c < C, offs_b < OH * OW, ph, pw
@@ -180,12 +185,13 @@ def _roi_align_fwd_kernel(
         CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
+    bb = tl.program_id(2)
     lvl, bi, H, W, y1, x1, bh, bw, gh, gw = _roi_setup(
         rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
         min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
         INTERPRET)
     feat = _pick(lvl, f0, f1, f2, f3, f4, NUM_LEVELS)
-    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, C, OH, OW, BLOCK_C, BLOCK_B)
+    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, OH, OW, BLOCK_C, BLOCK_B)
     plane, pix = _planes(feat, bi, offs_c, C, H, W, CHANNELS_LAST)
     acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
     ghf = gh * 1.0
@@ -219,12 +225,13 @@ def _roi_align_bwd_kernel(
         CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
+    bb = tl.program_id(2)
     lvl, bi, H, W, y1, x1, bh, bw, gh, gw = _roi_setup(
         rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
         min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
         INTERPRET)
     grad = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, C, OH, OW, BLOCK_C, BLOCK_B)
+    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, OH, OW, BLOCK_C, BLOCK_B)
     gptr = _pooled(gout_ptr, k, C, offs_c, offs_b, OH, OW, CHANNELS_LAST)
     g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(gh * gw, 1) * 1.0
@@ -243,16 +250,45 @@ def _roi_align_bwd_kernel(
             tl.atomic_add(plane + _at(yhi, xhi, W, pix), g * (wyh * wxh)[None, :], mask=m)
 
 
-def _blocks(C: int, oh: int, ow: int) -> tuple[int, int, int]:
-    """(channels, bins, warps) per program: ~2K accumulators, ~8 per thread.
+class Tile(NamedTuple):
+    """A program's share of one ROI: `channels` x `bins` outputs (powers of two) on `warps` warps."""
+    channels: int
+    bins: int
+    warps: int
+
+
+_TILE: ContextVar[Optional[Tile]] = ContextVar("zoo_roi_align_tile", default=None)
+
+
+@contextlib.contextmanager
+def forced_tile(channels: int, bins: int, warps: int) -> Iterator[None]:
+    """Launch every ROIAlign inside the block with this tile (for scripts/bench_kernels.py's sweep).
+
+    Any tile gives the same results bit for bit: each output sums its samples in the same order.
+    """
+    for v in (channels, bins, warps):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"tile sizes must be powers of two, got {(channels, bins, warps)}")
+    token = _TILE.set(Tile(channels, bins, warps))
+    try:
+        yield
+    finally:
+        _TILE.reset(token)
+
+
+def _blocks(C: int, oh: int, ow: int) -> Tile:
+    """The tile: ~2K accumulators, ~8 per thread, all bins of a ROI in one program.
 
     Checked with cuobjdump for sm_90: 7x7 -> 32x64 tiles at 109 registers, 14x14 ->
     8x256 at 80, no spills (4K-element tiles hit 255 registers and spilled).
     """
+    forced = _TILE.get()
+    if forced is not None:
+        return forced
     bins = triton.next_power_of_2(oh * ow)
     block_c = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, 2048 // bins)))
     warps = max(1, min(8, (block_c * bins) // 256))
-    return block_c, bins, warps
+    return Tile(block_c, bins, warps)
 
 
 class _Args:
@@ -273,7 +309,7 @@ def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor],
     K = rois.shape[0]
     block_c, block_b, warps = _blocks(C, oh, ow)
     ptrs = list(ptrs) + [ptrs[0]] * (MAX_LEVELS - len(ptrs))
-    grid = (K, triton.cdiv(C, block_c))
+    grid = (K, triton.cdiv(C, block_c), triton.cdiv(oh * ow, block_b))
     kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
                  OH=oh, OW=ow, ALIGNED=bool(aligned),
                  NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,

@@ -46,6 +46,11 @@ if DEVICE.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = False
 # ZOO_TEST_CUDNN_FUSION=1 checks the networks with model.cudnn_fusion on (it acts on CUDA only)
 CUDNN_FUSION = os.environ.get("ZOO_TEST_CUDNN_FUSION") == "1"
+# ZOO_TEST_PRECISION=tf32 (CUDA only) checks precision="tf32": TF32 convolutions and matrix products inside the
+# forward pass, what the GPU benchmarks' fastest fp32 rows run, with the same tolerances
+PRECISION = os.environ.get("ZOO_TEST_PRECISION", "fp32")
+if PRECISION not in ("fp32", "tf32") or (PRECISION == "tf32" and not DEVICE.startswith("cuda")):
+    raise pytest.UsageError(f"ZOO_TEST_PRECISION={PRECISION!r}: use fp32, or tf32 with ZOO_TEST_DEVICE=cuda")
 
 
 def _fixture(name: str, image: str) -> dict:
@@ -112,6 +117,7 @@ class Runner:
             model = build_model(arch)
             load_weights(model, self._synth(keys, key[1], key[2]))
             model.cudnn_fusion = CUDNN_FUSION
+            model.precision = PRECISION
             self._model, self._key = model.to(DEVICE), key
         return self._model
 

@@ -81,6 +81,11 @@ def test_mask_pooler_and_c4_match_torchvision():
     out = ops.roi_align(res4, [boxes], 14, 1 / 16, 0, True, backend="triton")
     exp = tv.roi_align(res4, [boxes], 14, 1 / 16, 0, True)
     torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
+    # what Res5ROIHeads pools: every other bin, on the channels-last res4 of the fast convolutions
+    res4_cl = res4.to(memory_format=torch.channels_last)
+    out = ops.roi_align(res4_cl, [boxes], 14, 1 / 16, 0, True, bin_stride=2, backend="triton")
+    torch.testing.assert_close(out, exp[:, :, ::2, ::2], rtol=1e-4, atol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("sr,aligned", [(0, True), (0, False), (2, True), (2, False)])

@@ -217,6 +217,25 @@ def test_roi_align_any_tile_gives_the_same_result(K, channels_last):
             pass
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_bin_stride(K, channels_last):
+    """Every other bin of 14x14 (the C4 pooler) and every third of 7x9: the full result's bins, bit for bit, in the
+    maps' layout, with the full result's gradients."""
+    gen = torch.Generator().manual_seed(14)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    f = torch.randn(2, 10, 12, 16, generator=gen).to(memory_format=fmt).requires_grad_()
+    rois = _rois(gen, 2, 12, 16, 0.25)[::2]
+    for size, stride in ((14, 2), ((7, 9), 3)):
+        full = K.roi_align(f, rois, size, 0.25, 0, True)[:, :, ::stride, ::stride]
+        sub = K.roi_align(f, rois, size, 0.25, 0, True, stride)
+        assert torch.equal(sub, full) and sub.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(sub, reference.roi_align(f.detach(), rois, size, 0.25, 0, True,
+                                                            bin_stride=stride), rtol=1e-5, atol=1e-5)
+        g = torch.randn(sub.shape, generator=gen)
+        torch.testing.assert_close(torch.autograd.grad(sub, f, g)[0], torch.autograd.grad(full, f, g)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_multilevel_single_level_and_dispatch(K, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(10)

@@ -214,3 +214,34 @@ def test_fast_convs_switch_layout_and_back(small_model):
     assert all(torch.equal(after[k], v) for k, v in before.items())
     # converted inside predict's inference mode, yet still trainable parameters
     assert not any(p.is_inference() for p in small_model.parameters())
+
+
+def test_c4_head_pools_only_the_bins_res5_reads():
+    """Res5ROIHeads pools every other bin and runs res5's first block at stride 1: Detectron2's full 14x14 pooling
+    followed by the stride-2 block gives the same features."""
+    import zoo
+    from zoo import ops
+    from zoo.modeling.backbone.resnet import make_stage, res5_stage_args
+    from zoo.modeling.roi_heads import Res5ROIHeads
+    from zoo.ops.reference import boxes_to_rois
+    from zoo.ops.synthetic import random_proposals
+
+    heads = small_synthetic_model("mask_rcnn_R_50_C4_1x").roi_heads
+    first = heads.res5[0]
+    assert heads.pooler.bin_stride == 2
+    assert first.conv1.stride == first.shortcut.stride == first.conv2.stride == (1, 1)
+    arch = zoo.get_manifest("mask_rcnn_R_50_C4_1x").architecture
+    d2_res5 = make_stage(first_stride=2, **res5_stage_args(arch.resnet))
+    d2_res5.load_state_dict(heads.res5.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    feature = torch.randn(1, 1024, 20, 30, generator=gen)
+    rois = boxes_to_rois([random_proposals(12, 0, height=320.0, width=480.0, smax=300.0)])
+    with torch.no_grad():
+        ours = heads.res5(heads.pooler([feature], rois))
+        theirs = d2_res5.eval()(ops.roi_align(feature, rois, 14, 1 / 16, 0, True))
+    assert ours.shape == theirs.shape == (12, 2048, 7, 7)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # with the stride on the 3x3 convolution the first block reads every bin: the full grid is pooled
+    other = arch.model_copy(update={"resnet": arch.resnet.model_copy(update={"stride_in_1x1": False})})
+    heads = Res5ROIHeads(other, {"res4": (1024, 16)})
+    assert heads.pooler.bin_stride == 1 and heads.res5[0].conv2.stride == (2, 2)

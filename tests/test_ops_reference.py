@@ -98,6 +98,26 @@ def test_roi_align_matches_loop_oracle(aligned, sr, method):
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["gather", "window"])
+@pytest.mark.parametrize("sr,aligned", [(0, True), (2, False)])
+def test_roi_align_bin_stride_is_the_sliced_result(method, sr, aligned):
+    """bin_stride=s pools bins 0, s, 2s, ... of the full grid: the full result sliced [::s, ::s], for odd sizes too."""
+    gen = torch.Generator().manual_seed(31 + sr)
+    f = torch.randn(2, 3, 9, 13, generator=gen, dtype=torch.float64)
+    rois = _rand_rois(2, 30, -8.0, 30.0, 20.0, gen)
+    for size, stride in ((14, 2), (7, 2), ((6, 9), 3), (5, 1)):
+        full = reference.roi_align(f, rois, size, 0.5, sr, aligned, method=method)
+        sub = ops.roi_align(f, rois, size, 0.5, sr, aligned, bin_stride=stride, backend="torch") \
+            if method == "gather" else reference.roi_align(f, rois, size, 0.5, sr, aligned, method=method,
+                                                            bin_stride=stride)
+        assert sub.shape == full[:, :, ::stride, ::stride].shape
+        torch.testing.assert_close(sub, full[:, :, ::stride, ::stride], rtol=0, atol=1e-12)
+    assert ops.roi_align(f, [], 14, 1.0, 0, True, bin_stride=2).shape == (0, 3, 7, 7)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="bin_stride must be an int >= 1"):
+            ops.roi_align(f, rois, 14, 0.5, sr, aligned, bin_stride=bad)
+
+
 def test_roi_align_list_equals_tensor_boxes():
     gen = torch.Generator().manual_seed(3)
     f = torch.randn(2, 4, 16, 16, generator=gen)

@@ -125,16 +125,18 @@ def _roi_setup(rois_ptr, k, s0, s1, s2, s3, s4, H0, H1, H2, H3, H4, W0, W1, W2, 
 
 
 @triton.jit
-def _tile(cb, bb, C, OH: tl.constexpr, OW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
-    """This program's channels and output bins, their masks, and each bin's (row, col)."""
+def _tile(cb, bb, C, PH: tl.constexpr, PW: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_B: tl.constexpr):
+    """This program's channels and output bins (of PH x PW: every STRIDE-th bin of the ROI's grid), their masks,
+    and each bin's (row, col) in that grid."""
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    if BLOCK_B >= OH * OW:  # the usual tile, all bins: no offset (it cost sm_90 stack space at 128 registers)
+    if BLOCK_B >= PH * PW:  # the usual tile, all bins: no offset (it cost sm_90 stack space at 128 registers)
         offs_b = tl.arange(0, BLOCK_B)
     else:
         offs_b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
-    ph = (offs_b // OW).to(tl.float32)
-    pw = (offs_b % OW).to(tl.float32)
-    return offs_c, offs_b, offs_c < C, offs_b < OH * OW, ph, pw
+    ph = ((offs_b // PW) * STRIDE).to(tl.float32)
+    pw = ((offs_b % PW) * STRIDE).to(tl.float32)
+    return offs_c, offs_b, offs_c < C, offs_b < PH * PW, ph, pw
 
 
 @triton.jit
@@ -159,14 +161,14 @@ def _at(y, x, W, pix):
 
 
 @triton.jit
-def _pooled(base, k, C, offs_c, offs_b, OH: tl.constexpr, OW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+def _pooled(base, k, C, offs_c, offs_b, PH: tl.constexpr, PW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """Pointers to ROI k's output bins for this program's channels ([BLOCK_C, BLOCK_B]), laid out like the maps:
     a channels-last result is what the convolutions after a C4 or mask pooler read, and its stores run along the
     same channels as the loads."""
     if CHANNELS_LAST:
-        ptr = base + (k.to(tl.int64) * (OH * OW) * C + offs_c.to(tl.int64))[:, None] + (offs_b * C)[None, :]
+        ptr = base + (k.to(tl.int64) * (PH * PW) * C + offs_c.to(tl.int64))[:, None] + (offs_b * C)[None, :]
     else:
-        ptr = base + (k * C + offs_c.to(tl.int64))[:, None] * (OH * OW) + offs_b[None, :]
+        ptr = base + (k * C + offs_c.to(tl.int64))[:, None] * (PH * PW) + offs_b[None, :]
     return ptr
 
 
@@ -180,8 +182,8 @@ def _roi_align_fwd_kernel(
         H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
         s0, s1, s2, s3, s4,
         min_level, max_level, canon_size, canon_level, sr,
-        OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
-        NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+        OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, STRIDE: tl.constexpr,
+        ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
@@ -191,7 +193,7 @@ def _roi_align_fwd_kernel(
         min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
         INTERPRET)
     feat = _pick(lvl, f0, f1, f2, f3, f4, NUM_LEVELS)
-    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, OH, OW, BLOCK_C, BLOCK_B)
+    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, PH, PW, STRIDE, BLOCK_C, BLOCK_B)
     plane, pix = _planes(feat, bi, offs_c, C, H, W, CHANNELS_LAST)
     acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
     ghf = gh * 1.0
@@ -209,7 +211,7 @@ def _roi_align_fwd_kernel(
                     + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
     count = tl.maximum(gh * gw, 1) * 1.0
     res = tl.math.div_rn(acc, count + tl.zeros_like(acc))
-    optr = _pooled(out_ptr, k, C, offs_c, offs_b, OH, OW, CHANNELS_LAST)
+    optr = _pooled(out_ptr, k, C, offs_c, offs_b, PH, PW, CHANNELS_LAST)
     tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & bmask[None, :])
 
 
@@ -220,8 +222,8 @@ def _roi_align_bwd_kernel(
         H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
         s0, s1, s2, s3, s4,
         min_level, max_level, canon_size, canon_level, sr,
-        OH: tl.constexpr, OW: tl.constexpr, ALIGNED: tl.constexpr,
-        NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+        OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, STRIDE: tl.constexpr,
+        ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
@@ -231,8 +233,8 @@ def _roi_align_bwd_kernel(
         min_level, max_level, canon_size, canon_level, sr, OH, OW, ALIGNED, NUM_LEVELS,
         INTERPRET)
     grad = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, OH, OW, BLOCK_C, BLOCK_B)
-    gptr = _pooled(gout_ptr, k, C, offs_c, offs_b, OH, OW, CHANNELS_LAST)
+    offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, PH, PW, STRIDE, BLOCK_C, BLOCK_B)
+    gptr = _pooled(gout_ptr, k, C, offs_c, offs_b, PH, PW, CHANNELS_LAST)
     g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(gh * gw, 1) * 1.0
     g = tl.math.div_rn(g, count + tl.zeros_like(g))
@@ -304,14 +306,15 @@ class _Args:
 
 
 def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor], a: _Args,
-            levels: tuple[float, float, float, float], oh: int, ow: int, sr: int,
+            levels: tuple[float, float, float, float], oh: int, ow: int, stride: int, sr: int,
             aligned: bool, channels_last: bool) -> None:
     K = rois.shape[0]
-    block_c, block_b, warps = _blocks(C, oh, ow)
+    ph, pw = reference._binned(oh, stride), reference._binned(ow, stride)
+    block_c, block_b, warps = _blocks(C, ph, pw)
     ptrs = list(ptrs) + [ptrs[0]] * (MAX_LEVELS - len(ptrs))
-    grid = (K, triton.cdiv(C, block_c), triton.cdiv(oh * ow, block_b))
+    grid = (K, triton.cdiv(C, block_c), triton.cdiv(ph * pw, block_b))
     kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
-                 OH=oh, OW=ow, ALIGNED=bool(aligned),
+                 OH=oh, OW=ow, PH=ph, PW=pw, STRIDE=stride, ALIGNED=bool(aligned),
                  NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,
                  CHANNELS_LAST=channels_last, INTERPRET=_INTERPRET, num_warps=warps, enable_fp_fusion=False)
 
@@ -328,7 +331,7 @@ class _RoiAlignFn(torch.autograd.Function):
     """Autograd wrapper: Triton forward, Triton atomic-add backward."""
 
     @staticmethod
-    def forward(ctx, rois: Tensor, oh: int, ow: int, scales: tuple, sr: int, aligned: bool,
+    def forward(ctx, rois: Tensor, oh: int, ow: int, stride: int, scales: tuple, sr: int, aligned: bool,
                 levels: tuple, *feats: Tensor) -> Tensor:
         channels_last = _all_channels_last(feats)
         if not channels_last:
@@ -336,27 +339,29 @@ class _RoiAlignFn(torch.autograd.Function):
         C = feats[0].shape[1]
         a = _Args(feats, scales)
         # the result takes the maps' layout, as PyTorch's own ops do (the backward reads NCHW: gout.contiguous())
-        out = torch.empty((rois.shape[0], C, oh, ow), dtype=feats[0].dtype, device=feats[0].device,
+        ph, pw = reference._binned(oh, stride), reference._binned(ow, stride)
+        out = torch.empty((rois.shape[0], C, ph, pw), dtype=feats[0].dtype, device=feats[0].device,
                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if rois.shape[0] > 0 and C > 0:
-            _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, sr, aligned, channels_last)
+            _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, stride, sr, aligned,
+                    channels_last)
         ctx.save_for_backward(rois)
-        ctx.cfg = (oh, ow, scales, sr, aligned, levels)
+        ctx.cfg = (oh, ow, stride, scales, sr, aligned, levels)
         ctx.shapes = [(f.shape, f.dtype) for f in feats]
         return out
 
     @staticmethod
     def backward(ctx, gout: Tensor):
         (rois,) = ctx.saved_tensors
-        oh, ow, scales, sr, aligned, levels = ctx.cfg
+        oh, ow, stride, scales, sr, aligned, levels = ctx.cfg
         grads = [torch.zeros(shape, dtype=torch.float32, device=gout.device)
                  for shape, _ in ctx.shapes]
         C = grads[0].shape[1]
         if rois.shape[0] > 0 and C > 0:
             _launch(_roi_align_bwd_kernel, gout.contiguous(), rois, C, grads,
-                    _Args(grads, scales), levels, oh, ow, sr, aligned, False)
+                    _Args(grads, scales), levels, oh, ow, stride, sr, aligned, False)
         grads = [g.to(dt) for g, (_, dt) in zip(grads, ctx.shapes)]
-        return (None, None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, None, *grads)
 
 
 def _rois_f32(boxes: BoxesLike, device: torch.device) -> Tensor:
@@ -366,11 +371,12 @@ def _rois_f32(boxes: BoxesLike, device: torch.device) -> Tensor:
 
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+              sampling_ratio: int = -1, aligned: bool = False, bin_stride: int = 1) -> Tensor:
     """Triton ROIAlign; same contract as zoo.ops.roi_align (coordinates in fp32)."""
     oh, ow = reference._pair(output_size)
+    stride = reference.check_bin_stride(bin_stride)
     rois = _rois_f32(boxes, input.device)
-    return _RoiAlignFn.apply(rois, oh, ow, (float(spatial_scale),), int(sampling_ratio),
+    return _RoiAlignFn.apply(rois, oh, ow, stride, (float(spatial_scale),), int(sampling_ratio),
                              bool(aligned), (0.0, 0.0, 224.0, 4.0), input)
 
 
@@ -394,5 +400,5 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
     else:
         lo, hi = reference.level_range(scales)
         levels = (float(lo), float(hi), float(canonical_box_size), float(canonical_level))
-    return _RoiAlignFn.apply(rois, oh, ow, tuple(float(s) for s in scales),
+    return _RoiAlignFn.apply(rois, oh, ow, 1, tuple(float(s) for s in scales),
                              int(sampling_ratio), bool(aligned), levels, *features)

@@ -49,22 +49,29 @@ class InstanceBatch:
 
 
 class ROIPooler(nn.Module):
-    """ROIAlign (aligned) over one or several levels via zoo.ops; output in box order."""
+    """ROIAlign (aligned) over one or several levels via zoo.ops; output in box order.
 
-    def __init__(self, spec: PoolerSpec, scales: Sequence[float]) -> None:
+    bin_stride > 1 (one level only) pools every bin_stride-th bin of the resolution x resolution grid.
+    """
+
+    def __init__(self, spec: PoolerSpec, scales: Sequence[float], bin_stride: int = 1) -> None:
         super().__init__()
         if spec.type != "ROIAlignV2":
             raise ValueError(f"unsupported pooler type {spec.type!r}")
+        if bin_stride != 1 and len(scales) != 1:
+            raise ValueError("bin_stride needs a single-level pooler")
         self.output_size = spec.resolution
         self.sampling_ratio = spec.sampling_ratio
         self.scales = [float(s) for s in scales]
+        self.bin_stride = bin_stride
 
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """features: per level [N, C, H, W]; boxes: per image [Ri, 4], or [K, 5] rois -> [sum Ri, C, S, S]."""
         from .. import ops
 
         if len(self.scales) == 1:
-            return ops.roi_align(features[0], boxes, self.output_size, self.scales[0], self.sampling_ratio, True)
+            return ops.roi_align(features[0], boxes, self.output_size, self.scales[0], self.sampling_ratio, True,
+                                 bin_stride=self.bin_stride)
         return ops.multilevel_roi_align(features, boxes, self.output_size, self.scales, self.sampling_ratio,
                                         aligned=True)
 
@@ -214,7 +221,12 @@ class StandardROIHeads(_ROIHeadsBase):
 
 
 class Res5ROIHeads(_ROIHeadsBase):
-    """C4: pool 14x14 from res4, run res5 (stride 2), mean-pool for the predictor; mask head re-runs res5."""
+    """C4: pool 14x14 from res4, run res5 (stride 2), mean-pool for the predictor; mask head re-runs res5.
+
+    With the MSRA weights' stride on res5's first 1x1 convolutions (every C4 baseline), that block reads only the
+    even bins of each 14x14 pooled ROI: those alone are pooled (a quarter of the pooler's work and memory) and the
+    block runs at stride 1 on them, the same products and sums as Detectron2's. Its weights are unchanged.
+    """
 
     # ROIs per res5 pass: bounds peak memory; results do not depend on it
     chunk_size = 250
@@ -224,9 +236,10 @@ class Res5ROIHeads(_ROIHeadsBase):
         rh = arch.roi_heads
         (f,) = self.in_features
         bh = rh.box_head
-        self.pooler = ROIPooler(bh.pooler, [1.0 / input_shape[f][1]])
         args = res5_stage_args(arch.resnet)
-        self.res5 = make_stage(first_stride=2, **args)
+        subsample = 2 if args["stride_in_1x1"] else 1  # the pooler takes the first block's stride
+        self.pooler = ROIPooler(bh.pooler, [1.0 / input_shape[f][1]], bin_stride=subsample)
+        self.res5 = make_stage(first_stride=2 // subsample, **args)
         out_channels = args["out_channels"]
         self.box_predictor = FastRCNNOutputLayers(out_channels, rh.num_classes, bh.cls_agnostic_bbox_reg)
         if rh.mask_head is not None:

@@ -121,14 +121,18 @@ def _kernels(tensor: Tensor):
 
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
-              *, backend: Optional[str] = None) -> Tensor:
-    """ROIAlign (torchvision semantics): [N,C,H,W] x boxes -> [K,C,oh,ow]."""
+              *, bin_stride: int = 1, backend: Optional[str] = None) -> Tensor:
+    """ROIAlign (torchvision semantics): [N,C,H,W] x boxes -> [K,C,oh,ow].
+
+    bin_stride=s computes only every s-th bin of the output_size grid along each axis, i.e.
+    roi_align(...)[:, :, ::s, ::s] for 1/s**2 of the work (what a stride-s 1x1 convolution reads).
+    """
     with _no_autocast(input):
         if resolve_backend(backend, input) == "triton":
             return _kernels(input).roi_align(input, boxes, output_size, spatial_scale,
-                                             sampling_ratio, aligned)
+                                             sampling_ratio, aligned, bin_stride)
         return reference.roi_align(input, boxes, output_size, spatial_scale,
-                                   sampling_ratio, aligned)
+                                   sampling_ratio, aligned, bin_stride=bin_stride)
 
 
 def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,

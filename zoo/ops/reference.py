@@ -77,15 +77,20 @@ def _roi_geometry(rois: Tensor, spatial_scale: float, oh: int, ow: int,
     return y1, x1, bh, bw, gh, gw
 
 
-def _axis_taps(start: Tensor, bsz: Tensor, g: Union[int, Tensor], i0: int, i1: int,
-               n_out: int, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bilinear taps along one axis for samples i0..i1-1 of a grid of g per bin.
+def _binned(n: int, stride: int) -> int:
+    """How many of n bins a bin stride computes (bins 0, stride, 2 * stride, ...)."""
+    return -(-n // stride)
 
-    Returns low/high pixel indices and their weights, shape [K, n_out, i1-i0];
+
+def _axis_taps(start: Tensor, bsz: Tensor, g: Union[int, Tensor], i0: int, i1: int,
+               n_out: int, size: int, stride: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis for samples i0..i1-1 of a grid of g per bin, for bins 0, stride, ... of n_out.
+
+    Returns low/high pixel indices and their weights, shape [K, _binned(n_out, stride), i1-i0];
     samples outside [-1, size] get zero weight, as in torchvision.
     """
     dt = start.dtype
-    p = torch.arange(n_out, device=start.device, dtype=dt)
+    p = torch.arange(0, n_out, stride, device=start.device, dtype=dt)
     i = torch.arange(i0, i1, device=start.device, dtype=dt)
     v = (start[:, None, None] + p[None, :, None] * bsz[:, None, None]
          + (i[None, None, :] + 0.5) * bsz[:, None, None] / g)
@@ -132,56 +137,59 @@ class _Scratch:
 
 def _roi_align_group(flat: Tensor, rois: Tensor, H: int, W: int, spatial_scale: float,
                      oh: int, ow: int, gh: int, gw: int, aligned: bool,
-                     scratch: _Scratch) -> Tensor:
-    """ROIAlign [K, oh, ow, C] for ROIs sharing one grid (gh, gw); flat is [N*H*W, C]."""
+                     scratch: _Scratch, stride: int = 1) -> Tensor:
+    """ROIAlign [K, nh, nw, C] (the bins of oh x ow a bin stride keeps) for ROIs sharing one grid (gh, gw);
+    flat is [N*H*W, C]."""
     K = rois.shape[0]
     C = flat.shape[1]
+    nh, nw = _binned(oh, stride), _binned(ow, stride)
     if gh == 0 or gw == 0:
-        return flat.new_zeros((K, oh, ow, C))
+        return flat.new_zeros((K, nh, nw, C))
     y1, x1, bh, bw, _, _ = _roi_geometry(rois, spatial_scale, oh, ow, 1, aligned)
     base = rois[:, 0].long() * (H * W)
-    xlo, xhi, wxl, wxh = _axis_taps(x1, bw, gw, 0, gw, ow, W)
-    X = torch.stack([xlo, xhi], -1).reshape(K, 1, ow, 1, 2 * gw)
-    WX = torch.stack([wxl, wxh], -1).reshape(K, 1, ow, 1, 2 * gw)
+    xlo, xhi, wxl, wxh = _axis_taps(x1, bw, gw, 0, gw, ow, W, stride)
+    X = torch.stack([xlo, xhi], -1).reshape(K, 1, nw, 1, 2 * gw)
+    WX = torch.stack([wxl, wxh], -1).reshape(K, 1, nw, 1, 2 * gw)
     # Chunk over sample rows so one huge ROI cannot exhaust memory.
-    per_row = oh * ow * 2 * (2 * gw) * C
+    per_row = nh * nw * 2 * (2 * gw) * C
     rows = max(1, min(gh, _CHUNK_ELEMS // max(per_row, 1)))
     acc = None
     for i0 in range(0, gh, rows):
         i1 = min(gh, i0 + rows)
-        ylo, yhi, wyl, wyh = _axis_taps(y1, bh, gh, i0, i1, oh, H)
+        ylo, yhi, wyl, wyh = _axis_taps(y1, bh, gh, i0, i1, oh, H, stride)
         n = i1 - i0
-        Y = torch.stack([ylo, yhi], -1).reshape(K, oh, 1, 2 * n, 1)
-        WY = torch.stack([wyl, wyh], -1).reshape(K, oh, 1, 2 * n, 1)
+        Y = torch.stack([ylo, yhi], -1).reshape(K, nh, 1, 2 * n, 1)
+        WY = torch.stack([wyl, wyh], -1).reshape(K, nh, 1, 2 * n, 1)
         idx = (base[:, None, None, None, None] + Y * W + X).reshape(-1)
         # Fold the 1/count average into the weights.
-        wt = (WY * WX).reshape(K * oh * ow, 1, 4 * n * gw) / float(gh * gw)
-        vals = scratch.index_select("vals", flat, idx).view(K * oh * ow, 4 * n * gw, C)
+        wt = (WY * WX).reshape(K * nh * nw, 1, 4 * n * gw) / float(gh * gw)
+        vals = scratch.index_select("vals", flat, idx).view(K * nh * nw, 4 * n * gw, C)
         part = torch.bmm(wt, vals)
         acc = part if acc is None else acc + part
-    return acc.view(K, oh, ow, C)
+    return acc.view(K, nh, nw, C)
 
 
-def _interp_matrix(start: Tensor, bsz: Tensor, g: Tensor, n_out: int, size: int) -> Tensor:
-    """Dense [K, n_out, size] matrix averaging one axis' bilinear taps over each bin.
+def _interp_matrix(start: Tensor, bsz: Tensor, g: Tensor, n_out: int, size: int, stride: int = 1) -> Tensor:
+    """Dense [K, _binned(n_out, stride), size] matrix averaging one axis' bilinear taps over each kept bin.
 
     ROIAlign is separable: out = AY @ F @ AX^T with AY/AX from this function, since
     both the bilinear weights and the in-range test factor per axis.
     """
     K = start.shape[0]
     dt = start.dtype
-    mat = torch.zeros(K, n_out, size, dtype=dt, device=start.device)
+    n = _binned(n_out, stride)
+    mat = torch.zeros(K, n, size, dtype=dt, device=start.device)
     gmax = int(g.max()) if K else 0
     inv_g = 1.0 / g.clamp(min=1).to(dt)
-    step = max(1, _CHUNK_ELEMS // max(K * n_out * 2, 1))
+    step = max(1, _CHUNK_ELEMS // max(K * n * 2, 1))
     for i0 in range(0, gmax, step):
         i1 = min(gmax, i0 + step)
         lo, hi, wl, wh = _axis_taps(start, bsz, g.clamp(min=1).to(dt)[:, None, None],
-                                    i0, i1, n_out, size)
+                                    i0, i1, n_out, size, stride)
         on = (torch.arange(i0, i1, device=start.device)[None, None, :] < g[:, None, None])
         scale = on.to(dt) * inv_g[:, None, None]
-        mat.scatter_add_(2, lo.reshape(K, n_out, -1), (wl * scale).reshape(K, n_out, -1))
-        mat.scatter_add_(2, hi.reshape(K, n_out, -1), (wh * scale).reshape(K, n_out, -1))
+        mat.scatter_add_(2, lo.reshape(K, n, -1), (wl * scale).reshape(K, n, -1))
+        mat.scatter_add_(2, hi.reshape(K, n, -1), (wh * scale).reshape(K, n, -1))
     return mat
 
 
@@ -196,14 +204,15 @@ def _nonzero_span(mat: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _roi_align_window(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int, ow: int,
-                      sampling_ratio: int, aligned: bool, scratch: _Scratch) -> Tensor:
+                      sampling_ratio: int, aligned: bool, scratch: _Scratch, stride: int = 1) -> Tensor:
     """ROIAlign as AY @ window @ AX^T per ROI: one read per window pixel, then matmuls."""
     N, C, H, W = feat.shape
     K = rois.shape[0]
     dev = feat.device
     y1, x1, bh, bw, gh, gw = _roi_geometry(rois, spatial_scale, oh, ow, sampling_ratio, aligned)
-    ay = _interp_matrix(y1, bh, gh, oh, H)  # [K, oh, H]
-    ax = _interp_matrix(x1, bw, gw, ow, W)  # [K, ow, W]
+    ay = _interp_matrix(y1, bh, gh, oh, H, stride)  # [K, nh, H]
+    ax = _interp_matrix(x1, bw, gw, ow, W, stride)  # [K, nw, W]
+    oh, ow = ay.shape[1], ax.shape[1]  # from here on: the bins computed
     ys, yl = _nonzero_span(ay)
     xs, xl = _nonzero_span(ax)
     flat = feat.permute(0, 2, 3, 1).reshape(N * H * W, C)
@@ -243,7 +252,7 @@ def _roi_align_window(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int,
 
 
 def _roi_align_gather(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int, ow: int,
-                      gh: Tensor, gw: Tensor, aligned: bool, scratch: _Scratch) -> Tensor:
+                      gh: Tensor, gw: Tensor, aligned: bool, scratch: _Scratch, stride: int = 1) -> Tensor:
     """ROIAlign by gathering every bilinear tap; best when bins hold few samples."""
     N, C, H, W = feat.shape
     K = rois.shape[0]
@@ -254,16 +263,17 @@ def _roi_align_gather(feat: Tensor, rois: Tensor, spatial_scale: float, oh: int,
     _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
     gh_s = gh[order].tolist()
     gw_s = gw[order].tolist()
-    out = feat.new_zeros((K, C, oh, ow))
+    nh, nw = _binned(oh, stride), _binned(ow, stride)
+    out = feat.new_zeros((K, C, nh, nw))
     start = 0
     for cnt in counts.tolist():
         g_h, g_w = gh_s[start], gw_s[start]
         if g_h > 0 and g_w > 0:
-            step = max(1, _CHUNK_ELEMS // (oh * ow * 4 * g_h * g_w * C))
+            step = max(1, _CHUNK_ELEMS // (nh * nw * 4 * g_h * g_w * C))
             for s in range(start, start + cnt, step):
                 idx = order[s:min(s + step, start + cnt)]
                 res = _roi_align_group(flat, rois[idx], H, W, spatial_scale, oh, ow,
-                                       g_h, g_w, aligned, scratch)
+                                       g_h, g_w, aligned, scratch, stride)
                 out.index_copy_(0, idx, res.permute(0, 3, 1, 2).to(out.dtype))
         start += cnt
     return out
@@ -284,34 +294,44 @@ def _pick_method(rois: Tensor, spatial_scale: float, oh: int, ow: int, gh: Tenso
     return "window" if win + flops / _GATHER_VS_FLOP < taps else "gather"
 
 
+def check_bin_stride(bin_stride: int) -> int:
+    """Validate roi_align's bin_stride (an int >= 1)."""
+    if isinstance(bin_stride, bool) or not isinstance(bin_stride, int) or bin_stride < 1:
+        raise ValueError(f"bin_stride must be an int >= 1, got {bin_stride!r}")
+    return bin_stride
+
+
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1,
-              aligned: bool = False, method: str = "auto") -> Tensor:
+              aligned: bool = False, method: str = "auto", bin_stride: int = 1) -> Tensor:
     """ROIAlign with torchvision/Detectron2 semantics, vectorised over boxes.
 
     method: "gather" (one gather per bilinear tap), "window" (gather each ROI's pixel
     window once, then two small matmuls) or "auto" (cheaper one by a cost model).
+    bin_stride: compute only bins 0, s, 2s, ... of the output_size grid along each axis (the result of
+    roi_align(...)[:, :, ::s, ::s] for a fraction of the work).
     """
     if input.dim() != 4:
         raise ValueError(f"input must be [N,C,H,W], got {tuple(input.shape)}")
+    stride = check_bin_stride(bin_stride)
     oh, ow = _pair(output_size)
     N, C, H, W = input.shape
     rois = boxes_to_rois(boxes, input.device)
     K = rois.shape[0]
     if K == 0 or C == 0:
-        return input.new_zeros((K, C, oh, ow))
+        return input.new_zeros((K, C, _binned(oh, stride), _binned(ow, stride)))
     acc = acc_dtype(input.dtype)
     rois = rois.to(device=input.device, dtype=acc)
     feat = input.to(acc)
     _, _, _, _, gh, gw = _roi_geometry(rois, spatial_scale, oh, ow, sampling_ratio, aligned)
     if method == "auto":
-        method = _pick_method(rois, spatial_scale, oh, ow, gh, gw, H, W)
+        method = _pick_method(rois, spatial_scale, _binned(oh, stride), _binned(ow, stride), gh, gw, H, W)
     scratch = _Scratch(feat, not (torch.is_grad_enabled() and feat.requires_grad))
     if method == "window":
         out = _roi_align_window(feat, rois, spatial_scale, oh, ow, sampling_ratio, aligned,
-                                scratch)
+                                scratch, stride)
     elif method == "gather":
-        out = _roi_align_gather(feat, rois, spatial_scale, oh, ow, gh, gw, aligned, scratch)
+        out = _roi_align_gather(feat, rois, spatial_scale, oh, ow, gh, gw, aligned, scratch, stride)
     else:
         raise ValueError(f"unknown roi_align method {method!r}")
     return out.to(input.dtype)

@@ -107,6 +107,11 @@ def workloads(device: str, tv):
          trip("roi_align", res4_cl, rois_c4, 14, 1 / 16, 0, True),
          (lambda: tv.roi_align(res4_cl, rois_c4, 14, 1 / 16, 0, True)) if tv else None,
          torch_path("roi_align", res4_cl, rois_c4, 14, 1 / 16, 0, True)),
+        # what Res5ROIHeads runs: the even bins its stride-2 1x1 convolutions read; torchvision pools all 14x14
+        ("C4 pooler as zoo's C4 heads run it: even bins of 14x14 (bin_stride 2), channels-last",
+         trip("roi_align", res4_cl, rois_c4, 14, 1 / 16, 0, True, bin_stride=2),
+         (lambda: tv.roi_align(res4_cl, rois_c4, 14, 1 / 16, 0, True)) if tv else None,
+         torch_path("roi_align", res4_cl, rois_c4, 14, 1 / 16, 0, True, bin_stride=2)),
     ]
     for n in (1000, 4700, 12000, 30000):
         b = proposals(n, 10 + n, device, smax=300.0)
@@ -179,6 +184,8 @@ def sweeps(device: str, tiny: bool):
          lambda: ops.roi_align(res4_cl, rois_c4, 14, 1 / 16, 0, True, **tri), POOL_TILES_14, pool),
         (f"C4 pooler {many} boxes res4 C={4 * c} 14x14, NCHW",
          lambda: ops.roi_align(res4, rois_c4, 14, 1 / 16, 0, True, **tri), POOL_TILES_14, pool),
+        (f"C4 pooler {many} boxes res4 C={4 * c}, even bins of 14x14, channels-last",
+         lambda: ops.roi_align(res4_cl, rois_c4, 14, 1 / 16, 0, True, bin_stride=2, **tri), POOL_TILES_7, pool),
     ]
     b = proposals(n_nms, 10 + n_nms, device, **(geo or dict(smax=300.0)))
     s = torch.rand(n_nms, generator=g, device=device)

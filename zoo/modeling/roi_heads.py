@@ -66,7 +66,8 @@ class ROIPooler(nn.Module):
         self.bin_stride = bin_stride
 
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """features: per level [N, C, H, W]; boxes: per image [Ri, 4], or [K, 5] rois -> [sum Ri, C, S, S]."""
+        """features: per level [N, C, H, W]; boxes: per image [Ri, 4], or [K, 5] rois -> [sum Ri, C, S, S]
+        (S = ceil(resolution / bin_stride))."""
         from .. import ops
 
         if len(self.scales) == 1:
@@ -246,7 +247,8 @@ class Res5ROIHeads(_ROIHeadsBase):
             self.mask_head = MaskRCNNConvUpsampleHead(out_channels, rh.num_classes, rh.mask_head)
 
     def _res5_chunks(self, feature: torch.Tensor, boxes: list[torch.Tensor] | torch.Tensor):
-        # flatten (image, box) pairs into chunks so 1000 ROIs x 1024 x 14 x 14 never sit in memory at once
+        # flatten (image, box) pairs into chunks so the pooled ROIs and res5's activations of 1000 ROIs never sit
+        # in memory at once
         flat = _rois(boxes) if isinstance(boxes, torch.Tensor) else boxes_to_rois(boxes, feature.device)
         for start in range(0, max(len(flat), 1), self.chunk_size):
             chunk = flat[start:start + self.chunk_size]

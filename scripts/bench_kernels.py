@@ -22,6 +22,7 @@ import time
 from typing import Callable, Optional
 
 import torch
+import triton  # zoo.kernels, imported below, needs it anyway
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -225,12 +226,6 @@ def run_sweep(device: str, tiny: bool, only: str, warmup: int, repeats: int) -> 
             print(f"| {name} | {label} | {fmt(t)} | {speedup(base, t)} | {'yes' if ok else 'NO'} |", flush=True)
 
 
-def triton_version() -> str:
-    import triton
-
-    return triton.__version__
-
-
 def fmt(ms: Optional[float]) -> str:
     return "n/a" if ms is None else f"{ms:.3f}"
 
@@ -260,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("--sweep needs CUDA (or TRITON_INTERPRET=1 with --tiny to check the script on CPU)")
             return 2
         if cuda:
-            print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_version()}, "
+            print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
                   f"median of {repeats} runs after {warmup} warm-up")
         with torch.inference_mode():
             run_sweep(device, args.tiny, args.only, warmup, repeats)

@@ -309,7 +309,7 @@ def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor],
             levels: tuple[float, float, float, float], oh: int, ow: int, stride: int, sr: int,
             aligned: bool, channels_last: bool) -> None:
     K = rois.shape[0]
-    ph, pw = reference._binned(oh, stride), reference._binned(ow, stride)
+    ph, pw = first.shape[2:]  # the pooled bins: `first` is the result (forward) or its gradient (backward)
     block_c, block_b, warps = _blocks(C, ph, pw)
     ptrs = list(ptrs) + [ptrs[0]] * (MAX_LEVELS - len(ptrs))
     grid = (K, triton.cdiv(C, block_c), triton.cdiv(ph * pw, block_b))

@@ -99,18 +99,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_s(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall seconds of fn, synchronised after each call."""
+def median_s(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> tuple[float, Any]:
+    """Median wall seconds of fn, synchronised after each call, and the last call's result."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def measure(run1: Callable[[], Any], runb: Callable[[], Any], count: Callable[[Any], int],
@@ -119,14 +119,12 @@ def measure(run1: Callable[[], Any], runb: Callable[[], Any], count: Callable[[A
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    ms = 1000 * median_s(run1, device, args.warmup, args.iters)
+    s1, out = median_s(run1, device, args.warmup, args.iters)
     peak1 = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    out = run1()
     dets = count(out)
-    # two warm-ups at least: CUDA graphs capture a shape on its second use
-    s = median_s(runb, device, max(2, args.warmup // 5), args.batch_iters)
+    s, _ = median_s(runb, device, args.batch_warmup, args.batch_iters)
     peakb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"ms": ms, "ips": args.batch / s, "peak1": peak1, "peakb": peakb, "dets": dets, "out": out}
+    return {"ms": 1000 * s1, "ips": args.batch / s, "peak1": peak1, "peakb": peakb, "dets": dets, "out": out}
 
 
 def torchvision_model(tv_name: str, device: torch.device):
@@ -150,10 +148,13 @@ def fmt(v: Optional[float], spec: str) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(D2_MS), help="comma-separated baseline names")
-    ap.add_argument("--iters", type=int, default=50, help="timed batch-1 runs (median)")
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, help="timed batch-1 runs (median; default 50, --quick 3)")
+    ap.add_argument("--warmup", type=int, help="batch-1 warm-up runs (default 10, --quick 1)")
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput column")
-    ap.add_argument("--batch-iters", type=int, default=10, help="timed batched runs (median)")
+    ap.add_argument("--batch-iters", type=int, help="timed batched runs (median; default 10, --quick 1)")
+    ap.add_argument("--batch-warmup", type=int,
+                    help="batched warm-up runs (default: warm-up / 5, at least 2 since CUDA graphs capture a shape "
+                         "on its second use)")
     ap.add_argument("--variants", "--precisions", dest="variants",
                     default="fp32,fp32+dynamic,fp32+graphs,fp32+graphs+fused,tf32+graphs+fused,bf16+graphs,"
                             "bf16+graphs+fused",
@@ -161,12 +162,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "'+dynamic' for the dynamic (host-synchronising) path, '+fused' for cuDNN's fused "
                          "conv-bias-add-relu (cudnn_fusion), '+torchops' for ZOO_OPS=torch")
     ap.add_argument("--no-torchvision", action="store_true", help="skip torchvision's counterparts")
-    ap.add_argument("--quick", action="store_true", help="tiny counts: 3 timed runs, 1 warm-up, 1 batched run")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny default counts: 3 timed runs, 1 warm-up, 1 batched run (explicit counts still win)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.iters, args.warmup, args.batch_iters = 3, 1, 1
+    for key, full, quick in (("iters", 50, 3), ("warmup", 10, 1), ("batch_iters", 10, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    if args.batch_warmup is None:
+        args.batch_warmup = max(2, args.warmup // 5)
+    if min(args.iters, args.batch_iters) < 1 or min(args.warmup, args.batch_warmup) < 0:
+        raise SystemExit("--iters and --batch-iters must be at least 1, --warmup and --batch-warmup at least 0")
 
     notes: list[str] = []
     lines: list[str] = []
@@ -180,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tf32 = (f", TF32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
                 if device.type == "cuda" else "")
         notes.append(f"{where}, torch {torch.__version__}{tf32}; image 938x800; batch-1 median of {args.iters} "
-                     f"after {args.warmup} warm-up; batch {args.batch} median of {args.batch_iters}")
+                     f"after {args.warmup} warm-up; batch {args.batch} median of {args.batch_iters} after {args.batch_warmup}")
         notes.append("Detectron2 ms: the project's reference timings of 2026-11-24 (one H100, fp32); "
                      "'D2/ours' > 1 means faster than Detectron2 (the goal is >= 3)")
         img = load_image()

@@ -105,8 +105,10 @@ def test_wheel_ships_manifests(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     # Install just the wheel; its dependencies come from the test environment's site-packages.
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--prefix", str(venv), "-q", str(wheel)],
-                       capture_output=True, text=True)
+    # --ignore-installed: with --prefix alone pip first uninstalls detzoo from the running environment (the
+    # developer's editable install)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--prefix",
+                        str(venv), "-q", str(wheel)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     import pydantic
 

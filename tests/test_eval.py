@@ -128,13 +128,16 @@ def test_cli_eval_with_the_same_synthetic_weights_scores_near_100(tmp_path, tmp_
     assert {x["image_id"] for x in results} == {1, 2, 3}
     assert all(x["category_id"] in COCO_CATEGORY_IDS and "segmentation" in x for x in results)
 
-    # bf16: the same evaluation runs, close to but not exactly fp32's detections
+    # bf16: the same evaluation runs, close to but not exactly fp32's detections; on one image, since bf16 is
+    # several times slower than fp32 on CPUs without bf16 units
     r = zoo_cmd("eval", MODEL, "--annotations", str(ann), "--images", str(images), "--weights", str(ckpt),
-                "--out", str(out), "--device", "cpu", "--precision", "bf16")
+                "--out", str(out), "--device", "cpu", "--precision", "bf16", "--limit", "1")
     assert r.returncode == 0, r.stderr
     aps16 = {t: float(v) for t, v in re.findall(r"^(bbox|segm) AP ([\d.]+)   published", r.stdout, re.M)}
-    # measured: 94.1 and 91.8 on an Intel CPU with AMX; 84.6 and 70.8 on an AVX2-only AMD EPYC (no bf16 units)
-    assert 70 <= aps16["bbox"] <= 100 and 60 <= aps16["segm"] <= 100, r.stdout
+    # measured on grace_hopper alone: 71.7 and 45.8 on an AVX2-only AMD EPYC (no bf16 units; over all three
+    # images 84.6 and 70.8 there, 94.1 and 91.8 on an Intel CPU with AMX); a broken bf16 path scores near 0
+    assert 60 <= aps16["bbox"] <= 100 and 35 <= aps16["segm"] <= 100, r.stdout
+    assert {x["image_id"] for x in json.loads(out.read_text())} == {1}
 
 
 def test_a_zoo_model_is_streamed_and_its_batch_size_changes_nothing(tmp_path):

@@ -76,6 +76,13 @@ CASES = [c for n in sorted(NAMES, key=_order)
          for c in [(n, im, DEFAULT_PATH) for im in IMAGES] + [(n, IMAGES[0], OTHER_PATH)]]
 
 
+def _group(name: str) -> str:
+    # under pytest-xdist's --dist loadgroup one worker runs all cases of a backbone, in the order above, so
+    # each network is still built once and its synthetic tensors generated once
+    arch = zoo.get_manifest(name).architecture
+    return f"parity-{arch.layout}-{arch.resnet.depth}-{arch.resnet.num_groups}"
+
+
 @dataclass
 class Outcome:
     resized: tuple[int, int]
@@ -150,7 +157,8 @@ def _decode_rle(rle: dict) -> np.ndarray:
     return mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
-@pytest.mark.parametrize("name,image,path", CASES, ids=[f"{n}-{i}-{p}" for n, i, p in CASES])
+@pytest.mark.parametrize("name,image,path", [pytest.param(*c, marks=pytest.mark.xdist_group(_group(c[0])))
+                                              for c in CASES], ids=[f"{n}-{i}-{p}" for n, i, p in CASES])
 def test_parity(runner, name, image, path):
     ref = _fixture(name, image)
     out = runner.run(name, image, path)

@@ -6,7 +6,7 @@ Full `predict` on one image (read, resize, network, postprocess, mask pasting), 
 conv and batch_norm ops), with fast_convs=True (FrozenBN folded, channels_last) and with precision="bf16" (autocast,
 fast convs; quick only where the CPU has bf16 matrix units, e.g. AMX, and not parity-exact; "bf16 matched" is the
 share of the exact run's detections that bf16 also finds, same class at IoU >= 0.9, the GPU target's criterion,
-then the same for the exact run's 50 best). Every system runs once to warm up,
+then the same for the exact run's 50 best). Every system runs once to warm up (--warmup),
 then the systems take turns, one run each per round, for N rounds, and each gets the median of its N runs: on a
 shared, noisy machine the turns let them all see the same slow and fast spells.
 
@@ -18,7 +18,7 @@ With --torchvision, torchvision's counterparts of the R50-FPN models (as scripts
 the rounds. Both need a torch/torchvision pair that loads together, which the build machines' CPU wheel is not:
 e.g. a separate venv with PyPI's `torch==2.13.0 torchvision==0.28.0` (see scripts/detectron2_oracle.py).
 
-    python scripts/bench.py [--models NAME ...] [--repeats 3] [--threads 2] [--image PATH] [--torchvision]
+    python scripts/bench.py [--models NAME ...] [--repeats 3] [--warmup 1] [--threads 2] [--image PATH] [--torchvision]
                             [--detectron2 SRC [--configs DIR]]
 """
 from __future__ import annotations
@@ -48,15 +48,19 @@ DEFAULT_MODELS = list(DETECTRON2_CPU_S)
 Runner = Callable[[], Any]
 
 
-def medians_in_turns(runners: dict[str, Runner], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median seconds of each runner (one warm-up call each, then `repeats` rounds of one call each), and what
-    each warm-up call returned."""
-    outputs = {k: fn() for k, fn in runners.items()}
+def medians_in_turns(runners: dict[str, Runner], repeats: int,
+                     warmup: int = 1) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds of each runner (`warmup` untimed rounds, then `repeats` timed rounds of one call each),
+    and what each runner's last call returned."""
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn()
+    outputs: dict[str, Any] = {}
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
         for k, fn in runners.items():
             t = time.perf_counter()
-            fn()
+            outputs[k] = fn()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}, outputs
 
@@ -109,6 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (each system runs once per round)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--image", type=Path, default=ROOT / "tests" / "fixtures" / "images" / "grace_hopper.png")
     ap.add_argument("--detectron2", type=Path, metavar="SRC",
@@ -118,6 +123,8 @@ def main() -> None:
     ap.add_argument("--torchvision", action="store_true",
                     help="also time torchvision's R50-FPN counterparts (needs a torchvision that loads)")
     a = ap.parse_args()
+    if a.repeats < 1 or a.warmup < 0:
+        raise SystemExit("--repeats must be at least 1 and --warmup at least 0")
 
     import torch
     from bench_e2e import matched_share
@@ -135,7 +142,7 @@ def main() -> None:
 
         tv_models = {k: v[0] for k, v in TV_MODELS.items()}
     print(f"torch {torch.__version__}, {a.threads} threads, {a.image.name}, median of {a.repeats} rounds after "
-          f"1 warm-up; {d2_note}\n")
+          f"{a.warmup} warm-up; {d2_note}\n")
     cols = ["model", "zoo exact s/image", "zoo fast_convs s/image", "zoo bf16 s/image", "Detectron2 s/image",
             "exact / D2", "fast / D2", "bf16 / D2", "bf16 matched (all / top 50)"]
     if a.torchvision:
@@ -148,7 +155,7 @@ def main() -> None:
             runners["d2"] = detectron2_runner(name, a.image, a.configs)
         if name in tv_models:
             runners["tv"] = torchvision_runner(tv_models[name], a.image)
-        s, outputs = medians_in_turns(runners, a.repeats)
+        s, outputs = medians_in_turns(runners, a.repeats, a.warmup)
         ref, low = outputs["exact"], outputs["bf16"]
         matched = f"{matched_share(ref, low)} / {matched_share(ref, low, 50)}"
         del runners, outputs

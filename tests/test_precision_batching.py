@@ -5,7 +5,9 @@ Faster R-CNN R50-FPN at a 320-pixel test size keeps each forward well under a se
 from __future__ import annotations
 
 import copy
+import platform
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 import zoo
 from zoo.errors import InputError
+from zoo.modeling import detector
 
 sys.path.insert(0, str(Path(__file__).parent))
 from user_support import fixture_image as _image  # noqa: E402
@@ -76,6 +79,33 @@ def test_precision_validation(model):
         model.precision = "fp32"
         with pytest.raises(InputError, match="needs a CUDA device"):
             zoo.get(NAME, pretrained=False, device="cpu", precision=cuda_only)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(detector, "_slow_bf16_warned", False)
+    monkeypatch.setattr(detector, "cpu_lacks_bf16_units", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector.check_precision("fp32", cpu)  # only bf16 is slow there
+    with pytest.warns(RuntimeWarning, match=r"no bf16 units .* use precision='fp32'"):
+        detector.check_precision("bf16", cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector.check_precision("bf16", cpu)  # once per process, not once per predict
+        monkeypatch.setattr(detector, "_slow_bf16_warned", False)
+        monkeypatch.setattr(detector, "cpu_lacks_bf16_units", lambda: False)
+        detector.check_precision("bf16", cpu)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file(),
+                    reason="reads the CPU flags of x86 Linux")
+def test_bf16_units_probe_agrees_with_the_cpu_flags():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert detector.cpu_lacks_bf16_units() == (not flags & {"avx512_bf16", "amx_bf16", "amx_tile"}), sorted(flags)
 
 
 def test_tf32_context_restores_pytorchs_settings():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import platform
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
@@ -30,11 +32,34 @@ def _check_precision_name(precision: Any) -> None:
         raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
 
 
+def cpu_lacks_bf16_units() -> bool:
+    """True on an x86 CPU that torch reports without AVX512-BF16 and AMX: oneDNN then emulates bf16, slower than
+    fp32. False where that is unknown (other architectures, a torch without these probes)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return all(p is not None for p in probes) and not any(p() for p in probes)
+    except Exception:  # private probes: never let them break inference
+        return False
+
+
+_slow_bf16_warned = False
+
+
 def check_precision(precision: str, device: torch.device) -> str:
-    """Validate a precision name for a device; returns it, or raises InputError saying what works."""
+    """Validate a precision name for a device; returns it, or raises InputError saying what works. Warns once
+    when bf16 on this CPU would be slower than fp32."""
+    global _slow_bf16_warned
     _check_precision_name(precision)
     if precision in ("fp16", "tf32") and torch.device(device).type != "cuda":
         raise InputError(f"precision {precision!r} needs a CUDA device; on CPU use precision='bf16' (or 'fp32')")
+    if precision == "bf16" and torch.device(device).type == "cpu" and not _slow_bf16_warned \
+            and cpu_lacks_bf16_units():
+        _slow_bf16_warned = True
+        warnings.warn("this CPU has no bf16 units (AVX512-BF16 or AMX), so precision='bf16' runs about 6x slower "
+                      "than fp32 on it; use precision='fp32' (fast_convs=True is the quickest)", RuntimeWarning,
+                      stacklevel=2)
     return precision
 
 

@@ -7,19 +7,21 @@ so and times only the torch path on CPU (exit code 0).
     python scripts/bench_kernels.py [--repeats 20] [--warmup 3] [--only nms]
     python scripts/bench_kernels.py --sweep [--only C4]
 
-`--sweep` times the Triton kernels under each candidate program tile (ROIAlign: channels x bins x warps; NMS
-scan: propagation words x warps) against the default one, and checks that each gives the default's result.
+`--sweep` times the Triton kernels under each candidate program tile (ROIAlign: channels x bins x warps, and for
+NCHW maps also "staged": read from a channels-last copy; NMS scan: propagation words x warps) against the default
+one, and checks that each gives the default's result.
 It needs CUDA, or TRITON_INTERPRET=1 with `--tiny` (small inputs, to check the script itself on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton  # zoo.kernels, imported below, needs it anyway
@@ -92,6 +94,12 @@ def workloads(device: str, tv):
          trip("multilevel_roi_align", feats_cl, rois1000, 7, SCALES, 0, True),
          (lambda: tv_pooler(tv, feats_cl, rois1000, 7, 0)) if tv else None,
          torch_path("multilevel_roi_align", feats_cl, rois1000, 7, SCALES, 0, True)),
+        # what the FPN baselines' box pooler runs: the FC head flattens NCHW rows, so the result is written NCHW
+        ("FPN pooler 1000 boxes C=256 7x7, channels-last maps, NCHW result (FC box head)",
+         trip("multilevel_roi_align", feats_cl, rois1000, 7, SCALES, 0, True, memory_format=torch.contiguous_format),
+         (lambda: tv_pooler(tv, feats_cl, rois1000, 7, 0)) if tv else None,
+         torch_path("multilevel_roi_align", feats_cl, rois1000, 7, SCALES, 0, True,
+                    memory_format=torch.contiguous_format)),
         ("Mask pooler 100 boxes C=256 14x14",
          trip("multilevel_roi_align", feats, rois100, 14, SCALES, 0, True),
          (lambda: tv_pooler(tv, feats, rois100, 14, 0)) if tv else None,
@@ -158,7 +166,16 @@ def workloads(device: str, tv):
 # candidate tiles; the first of each list is the default (ROIAlign: channels, bins, warps; NMS scan: words, warps)
 POOL_TILES_7 = [(32, 64, 8), (32, 64, 4), (64, 32, 4), (64, 32, 8), (128, 16, 8), (256, 8, 8)]
 POOL_TILES_14 = [(8, 256, 8), (16, 128, 8), (32, 64, 4), (64, 32, 4), (128, 16, 4), (128, 16, 8), (256, 8, 8)]
+# NCHW maps: the same tiles read in place, then two staged through a channels-last copy (kernels.forced_roi_align_staging)
+POOL_TILES_7_NCHW = POOL_TILES_7 + [(32, 64, 8, "staged"), (32, 64, 4, "staged")]
 SCAN_TILES = [(16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (32, 4), (64, 4), (128, 4)]
+
+
+@contextlib.contextmanager
+def pool_candidate(channels: int, bins: int, warps: int, staged: str = "") -> Iterator[None]:
+    """A ROIAlign tile, optionally reading NCHW maps from a channels-last copy."""
+    with kernels.forced_roi_align_tile(channels, bins, warps), kernels.forced_roi_align_staging(bool(staged)):
+        yield
 
 
 def sweeps(device: str, tiny: bool):
@@ -176,9 +193,13 @@ def sweeps(device: str, tiny: bool):
     res4_cl = res4.to(memory_format=torch.channels_last)
     tri = dict(backend="triton")
     pool = kernels.forced_roi_align_tile
+    feats_nchw = [f.contiguous() for f in feats]
     out = [
         (f"FPN pooler {many} boxes C={c} 7x7, channels-last maps",
          lambda: ops.multilevel_roi_align(feats, rois_many, 7, SCALES, 0, True, **tri), POOL_TILES_7, pool),
+        (f"FPN pooler {many} boxes C={c} 7x7, NCHW maps",
+         lambda: ops.multilevel_roi_align(feats_nchw, rois_many, 7, SCALES, 0, True, **tri), POOL_TILES_7_NCHW,
+         pool_candidate),
         (f"Mask pooler {few} boxes C={c} 14x14, channels-last maps",
          lambda: ops.multilevel_roi_align(feats, rois_few, 14, SCALES, 0, True, **tri), POOL_TILES_14, pool),
         (f"C4 pooler {many} boxes res4 C={4 * c} 14x14, channels-last",
@@ -222,7 +243,8 @@ def run_sweep(device: str, tiny: bool, only: str, warmup: int, repeats: int) -> 
                 ok = same(run(), ref)
                 t = time_ms(run, device, warmup, repeats)
             base = base or t
-            label = "x".join(map(str, tile)) + (" (default)" if tile == tiles[0] else "")
+            label = "x".join(map(str, tile[:3])) + "".join(f" {t}" for t in tile[3:]) + \
+                (" (default)" if tile == tiles[0] else "")
             print(f"| {name} | {label} | {fmt(t)} | {speedup(base, t)} | {'yes' if ok else 'NO'} |", flush=True)
 
 

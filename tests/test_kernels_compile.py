@@ -54,21 +54,25 @@ for dt in ("fp32", "bf16"):
         for n in ("min_level", "max_level", "canon_size", "canon_level"):
             types[n] = "fp32"
         bc, bb, warps = RA._blocks(256, oh, oh)
-        # the forward reads NCHW or channels-last maps; the backward's gradient buffers are always NCHW
-        for name, fn, layouts in (("fwd", RA._roi_align_fwd_kernel, (False, True)),
-                                  ("bwd", RA._roi_align_bwd_kernel, (False,))):
+        # the forward reads NCHW or channels-last maps into a result of the same layout, or (7x7: the FC box
+        # heads' pooler) channels-last maps into an NCHW result; the backward's buffers are always NCHW
+        for name, fn, layouts in (("fwd", RA._roi_align_fwd_kernel, ((False, False), (True, True), (True, False))),
+                                  ("bwd", RA._roi_align_bwd_kernel, ((False, False),))):
             if levels == 1 and name == "bwd":
                 continue
-            for cl in layouts:
+            for cl, out_cl in layouts:
+                if cl != out_cl and oh != 7:
+                    continue
                 consts = dict(OH=oh, OW=oh, PH=oh, PW=oh, STRIDE=1, ALIGNED=True, NUM_LEVELS=levels,
-                              BLOCK_C=bc, BLOCK_B=bb, CHANNELS_LAST=cl, INTERPRET=False)
-                compile_one(f"roi_align_{name}_{dt}_{oh}x{oh}_L{levels}{'_nhwc' if cl else ''}", fn, types,
+                              BLOCK_C=bc, BLOCK_B=bb, CHANNELS_LAST=cl, OUT_CHANNELS_LAST=out_cl, INTERPRET=False)
+                label = ("_nhwc" if cl else "") + ("_to_nchw" if cl != out_cl else "")
+                compile_one(f"roi_align_{name}_{dt}_{oh}x{oh}_L{levels}{label}", fn, types,
                             consts, num_warps=warps, enable_fp_fusion=False)
 
     # the C4 pooler: every other bin of 14x14 on res4 (C=1024), channels-last maps, as Res5ROIHeads runs it
     bc, bb, warps = RA._blocks(1024, 7, 7)
     consts = dict(OH=14, OW=14, PH=7, PW=7, STRIDE=2, ALIGNED=True, NUM_LEVELS=1, BLOCK_C=bc, BLOCK_B=bb,
-                  CHANNELS_LAST=True, INTERPRET=False)
+                  CHANNELS_LAST=True, OUT_CHANNELS_LAST=True, INTERPRET=False)
     compile_one(f"roi_align_fwd_{dt}_14x14_stride2_L1_nhwc", RA._roi_align_fwd_kernel, types, consts,
                 num_warps=warps, enable_fp_fusion=False)
 
@@ -107,7 +111,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(l for l in res.stdout.splitlines() if l.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 27
+    assert len(results) == 31
     # fp64 NMS (a rare path) may keep a few bytes of stack; everything else must not.
     spilled = [r for r in results if (r["stack"] or r["local"])
                and not (r["kernel"].startswith("nms_mask_fp64") and r["stack"] <= 64)]

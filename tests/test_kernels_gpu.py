@@ -68,6 +68,23 @@ def test_channels_last_maps_give_the_nchw_result():
                        ops.roi_align(res4, rois, 14, 1 / 16, 0, True, backend="triton"))
 
 
+def test_result_layout_and_staging_keep_the_values():
+    """An NCHW result from channels-last maps (the FC box heads' pooler), and NCHW maps staged through a
+    channels-last copy (the sweep's candidate), compiled: the same values as the default, bit for bit."""
+    from zoo import kernels
+
+    feats = _pyramid()
+    boxes = _proposals(1000, 15)
+    cl = [f.to(memory_format=torch.channels_last) for f in feats]
+    ref = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+    out = ops.multilevel_roi_align(cl, [boxes], 7, SCALES, 0, True, memory_format=torch.contiguous_format,
+                                   backend="triton")
+    assert out.is_contiguous() and torch.equal(out, ref)
+    with kernels.forced_roi_align_staging():
+        out = ops.multilevel_roi_align(feats, [boxes], 7, SCALES, 0, True, backend="triton")
+    assert out.is_contiguous() and torch.equal(out, ref)
+
+
 def test_mask_pooler_and_c4_match_torchvision():
     tv = _tv()
     feats = _pyramid()

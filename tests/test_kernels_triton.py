@@ -181,6 +181,43 @@ def test_roi_align_reads_channels_last_maps_as_they_are(K):
                            K.roi_align(f, rois, 7, 0.25, sr, True))
 
 
+@pytest.mark.parametrize("maps_cl", [False, True])
+def test_roi_align_result_layout_and_staging(K, maps_cl):
+    """memory_format picks the result's layout whatever the maps' (an FC box head wants NCHW from channels-last
+    maps), and staging NCHW maps through a channels-last copy (bench_kernels' sweep) changes nothing but speed:
+    the same values bit for bit, the same gradients, on the fused FPN pooler and a one-level pooler."""
+    RA = importlib.import_module("zoo.kernels.roi_align")
+    gen = torch.Generator().manual_seed(15)
+    feats, scales, boxes = _pyramid(gen, C=6)
+    if maps_cl:
+        feats = [f.to(memory_format=torch.channels_last) for f in feats]
+    feats = [f.requires_grad_() for f in feats]
+    ref = K.multilevel_roi_align(feats, boxes, 7, scales, 0, True)
+    default = torch.channels_last if maps_cl else torch.contiguous_format
+    other = torch.contiguous_format if maps_cl else torch.channels_last
+    assert ref.is_contiguous(memory_format=default) and not ref.is_contiguous(memory_format=other)
+    g = torch.randn(ref.shape, generator=gen)
+    ref_grads = torch.autograd.grad(ref, feats, g)
+    f = feats[0].detach()
+    rois = _rois(gen, 2, f.shape[2], f.shape[3], scales[0])
+    one = K.roi_align(f, rois, 5, scales[0], 2, True)
+    # staging only applies to NCHW maps; channels-last ones are read as they are either way
+    for staged, fmt in [(False, other)] + ([] if maps_cl else [(True, None), (True, other)]):
+        with RA.forced_staging(staged):
+            out = K.multilevel_roi_align(feats, boxes, 7, scales, 0, True, memory_format=fmt)
+            assert torch.equal(out, ref) and out.is_contiguous(memory_format=fmt or default), (staged, fmt)
+            for a, b in zip(torch.autograd.grad(out, feats, g), ref_grads):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            out = K.roi_align(f, rois, 5, scales[0], 2, True, memory_format=fmt)
+            assert torch.equal(out, one) and out.is_contiguous(memory_format=fmt or default), (staged, fmt)
+    # through zoo.ops: the argument is checked, and the torch path lays its result out the same way
+    out = ops.multilevel_roi_align(feats, boxes, 7, scales, 0, True, memory_format=other, backend="torch")
+    assert out.is_contiguous(memory_format=other)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="memory_format"):
+        ops.roi_align(f, rois, 5, scales[0], 2, True, memory_format=torch.preserve_format)
+
+
 def test_roi_align_any_tile_gives_the_same_result(K):
     """bench_kernels sweeps program tiles, including bin blocks that split a ROI's bins over several programs
     (14x14 = 196 bins in blocks of 32: the last block is 4 bins); each must pool exactly what the default does.

@@ -325,6 +325,10 @@ def test_static_path_never_syncs(interpreted_kernels, name, fast_convs):
     m.static_shapes = True
     gen = torch.Generator().manual_seed(1)
     images = [(torch.rand(48, 64, 3, generator=gen) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    pooled = []  # layouts of the pooled ROIs: (channels-last, contiguous) per pooler call
+    for pooler in (p for p in m.roi_heads.modules() if type(p).__name__ == "ROIPooler"):
+        pooler.register_forward_hook(lambda mod, args, out: pooled.append(
+            (mod.memory_format, out.is_contiguous(memory_format=torch.channels_last), out.is_contiguous())))
     with torch.inference_mode():
         batch = m.preprocess(images)
         sizes = m.size_table(batch)  # as GraphCache.run: made from host data before the captured part
@@ -332,6 +336,10 @@ def test_static_path_never_syncs(interpreted_kernels, name, fast_convs):
             _, _, inst = m.run_static(batch.tensor, sizes)
             final = m.compact_static(inst, sizes)
     assert interpreted_kernels.calls == [], "\n".join(interpreted_kernels.calls)
+    # the FPN's FC box head gets NCHW rows to flatten (no copy); conv consumers get the maps' layout
+    want_box = (torch.contiguous_format, False, True)
+    want_conv = (None, fast_convs, not fast_convs)
+    assert pooled == ([want_box, want_conv] if "FPN" in name else [want_conv, want_conv]), pooled
     assert bool(inst.complete.all()) and final.counts.tolist() == [6, 6]
     got = m.predict(images)
 

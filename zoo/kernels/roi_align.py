@@ -1,7 +1,8 @@
 """Triton ROIAlign: one kernel for single-level and fused multi-level (FPN) pooling.
 
 Each program pools one ROI for a block of channels and a block of output bins, from NCHW or
-channels-last (NHWC) maps as they are, into a result of the same layout. With several
+channels-last (NHWC) maps as they are, into a result of the same layout unless the caller asks
+for the other (an FC box head flattens NCHW rows, so a channels-last result would cost it a copy). With several
 levels the program assigns the ROI's level itself (Detectron2's formula) and reads
 that level's map, so the whole FPN pooler is one launch with output in box order.
 Backward scatters into fp32 gradient buffers with atomic adds.
@@ -162,9 +163,9 @@ def _at(y, x, W, pix):
 
 @triton.jit
 def _pooled(base, k, C, offs_c, offs_b, PH: tl.constexpr, PW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Pointers to ROI k's output bins for this program's channels ([BLOCK_C, BLOCK_B]), laid out like the maps:
-    a channels-last result is what the convolutions after a C4 or mask pooler read, and its stores run along the
-    same channels as the loads."""
+    """Pointers to ROI k's output bins for this program's channels ([BLOCK_C, BLOCK_B]) in a channels-last or
+    NCHW result. Channels-last is what the convolutions after a C4 or mask pooler read, and from channels-last
+    maps its stores run along the same channels as the loads."""
     if CHANNELS_LAST:
         ptr = base + (k.to(tl.int64) * (PH * PW) * C + offs_c.to(tl.int64))[:, None] + (offs_b * C)[None, :]
     else:
@@ -184,7 +185,7 @@ def _roi_align_fwd_kernel(
         min_level, max_level, canon_size, canon_level, sr,
         OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, STRIDE: tl.constexpr,
         ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
+        CHANNELS_LAST: tl.constexpr, OUT_CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     bb = tl.program_id(2)
@@ -211,7 +212,7 @@ def _roi_align_fwd_kernel(
                     + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
     count = tl.maximum(gh * gw, 1) * 1.0
     res = tl.math.div_rn(acc, count + tl.zeros_like(acc))
-    optr = _pooled(out_ptr, k, C, offs_c, offs_b, PH, PW, CHANNELS_LAST)
+    optr = _pooled(out_ptr, k, C, offs_c, offs_b, PH, PW, OUT_CHANNELS_LAST)
     tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & bmask[None, :])
 
 
@@ -224,7 +225,7 @@ def _roi_align_bwd_kernel(
         min_level, max_level, canon_size, canon_level, sr,
         OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, STRIDE: tl.constexpr,
         ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
+        CHANNELS_LAST: tl.constexpr, OUT_CHANNELS_LAST: tl.constexpr, INTERPRET: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     bb = tl.program_id(2)
@@ -234,7 +235,7 @@ def _roi_align_bwd_kernel(
         INTERPRET)
     grad = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
     offs_c, offs_b, cmask, bmask, ph, pw = _tile(cb, bb, C, PH, PW, STRIDE, BLOCK_C, BLOCK_B)
-    gptr = _pooled(gout_ptr, k, C, offs_c, offs_b, PH, PW, CHANNELS_LAST)
+    gptr = _pooled(gout_ptr, k, C, offs_c, offs_b, PH, PW, OUT_CHANNELS_LAST)
     g = tl.load(gptr, mask=cmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(gh * gw, 1) * 1.0
     g = tl.math.div_rn(g, count + tl.zeros_like(g))
@@ -278,6 +279,21 @@ def forced_tile(channels: int, bins: int, warps: int) -> Iterator[None]:
         _TILE.reset(token)
 
 
+_STAGE: ContextVar[bool] = ContextVar("zoo_roi_align_stage", default=False)
+
+
+@contextlib.contextmanager
+def forced_staging(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, NCHW maps are copied to channels-last first and pooled from the copy (one pass over the
+    maps buys coalesced loads); the result keeps the layout it would have had. For bench_kernels' sweep: whether
+    that pays depends on the tile, so it is off until a GPU's numbers say otherwise. Same results bit for bit."""
+    token = _STAGE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
 def _blocks(C: int, oh: int, ow: int) -> Tile:
     """The tile: ~2K accumulators, ~8 per thread, all bins of a ROI in one program.
 
@@ -307,7 +323,7 @@ class _Args:
 
 def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor], a: _Args,
             levels: tuple[float, float, float, float], oh: int, ow: int, stride: int, sr: int,
-            aligned: bool, channels_last: bool) -> None:
+            aligned: bool, channels_last: bool, out_channels_last: bool) -> None:
     K = rois.shape[0]
     ph, pw = first.shape[2:]  # the pooled bins: `first` is the result (forward) or its gradient (backward)
     block_c, block_b, warps = _blocks(C, ph, pw)
@@ -316,7 +332,8 @@ def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor],
     kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
                  OH=oh, OW=ow, PH=ph, PW=pw, STRIDE=stride, ALIGNED=bool(aligned),
                  NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,
-                 CHANNELS_LAST=channels_last, INTERPRET=_INTERPRET, num_warps=warps, enable_fp_fusion=False)
+                 CHANNELS_LAST=channels_last, OUT_CHANNELS_LAST=out_channels_last, INTERPRET=_INTERPRET,
+                 num_warps=warps, enable_fp_fusion=False)
 
 
 def _all_channels_last(feats: Sequence[Tensor]) -> bool:
@@ -332,19 +349,23 @@ class _RoiAlignFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rois: Tensor, oh: int, ow: int, stride: int, scales: tuple, sr: int, aligned: bool,
-                levels: tuple, *feats: Tensor) -> Tensor:
+                levels: tuple, out_format: Optional[torch.memory_format], *feats: Tensor) -> Tensor:
         channels_last = _all_channels_last(feats)
+        # by default the result takes the maps' layout, as PyTorch's own ops do
+        out_cl = channels_last if out_format is None else out_format == torch.channels_last
+        if not channels_last and _STAGE.get():
+            feats = tuple(f.contiguous(memory_format=torch.channels_last) for f in feats)
+            channels_last = _all_channels_last(feats)
         if not channels_last:
             feats = tuple(f.contiguous() for f in feats)
         C = feats[0].shape[1]
         a = _Args(feats, scales)
-        # the result takes the maps' layout, as PyTorch's own ops do (the backward reads NCHW: gout.contiguous())
         ph, pw = reference._binned(oh, stride), reference._binned(ow, stride)
         out = torch.empty((rois.shape[0], C, ph, pw), dtype=feats[0].dtype, device=feats[0].device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                          memory_format=torch.channels_last if out_cl else torch.contiguous_format)
         if rois.shape[0] > 0 and C > 0:
             _launch(_roi_align_fwd_kernel, out, rois, C, feats, a, levels, oh, ow, stride, sr, aligned,
-                    channels_last)
+                    channels_last, out_cl)
         ctx.save_for_backward(rois)
         ctx.cfg = (oh, ow, stride, scales, sr, aligned, levels)
         ctx.shapes = [(f.shape, f.dtype) for f in feats]
@@ -359,9 +380,9 @@ class _RoiAlignFn(torch.autograd.Function):
         C = grads[0].shape[1]
         if rois.shape[0] > 0 and C > 0:
             _launch(_roi_align_bwd_kernel, gout.contiguous(), rois, C, grads,
-                    _Args(grads, scales), levels, oh, ow, stride, sr, aligned, False)
+                    _Args(grads, scales), levels, oh, ow, stride, sr, aligned, False, False)
         grads = [g.to(dt) for g, (_, dt) in zip(grads, ctx.shapes)]
-        return (None, None, None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, None, None, *grads)
 
 
 def _rois_f32(boxes: BoxesLike, device: torch.device) -> Tensor:
@@ -371,19 +392,20 @@ def _rois_f32(boxes: BoxesLike, device: torch.device) -> Tensor:
 
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False, bin_stride: int = 1) -> Tensor:
+              sampling_ratio: int = -1, aligned: bool = False, bin_stride: int = 1,
+              memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """Triton ROIAlign; same contract as zoo.ops.roi_align (coordinates in fp32)."""
     oh, ow = reference._pair(output_size)
     stride = reference.check_bin_stride(bin_stride)
     rois = _rois_f32(boxes, input.device)
     return _RoiAlignFn.apply(rois, oh, ow, stride, (float(spatial_scale),), int(sampling_ratio),
-                             bool(aligned), (0.0, 0.0, 224.0, 4.0), input)
+                             bool(aligned), (0.0, 0.0, 224.0, 4.0), memory_format, input)
 
 
 def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
                          output_size: Union[int, Sequence[int]], scales: Sequence[float], sampling_ratio: int, aligned: bool = True,
                          canonical_box_size: float = 224.0,
-                         canonical_level: int = 4) -> Tensor:
+                         canonical_level: int = 4, memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """Fused FPN ROIPooler: one launch, level picked per box inside the kernel."""
     if len(features) != len(scales):
         raise ValueError("features and scales must have the same length")
@@ -401,4 +423,4 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
         lo, hi = reference.level_range(scales)
         levels = (float(lo), float(hi), float(canonical_box_size), float(canonical_level))
     return _RoiAlignFn.apply(rois, oh, ow, 1, tuple(float(s) for s in scales),
-                             int(sampling_ratio), bool(aligned), levels, *features)
+                             int(sampling_ratio), bool(aligned), levels, memory_format, *features)

@@ -51,10 +51,12 @@ class InstanceBatch:
 class ROIPooler(nn.Module):
     """ROIAlign (aligned) over one or several levels via zoo.ops; output in box order.
 
-    bin_stride > 1 (one level only) pools every bin_stride-th bin of the resolution x resolution grid.
+    bin_stride > 1 (one level only) pools every bin_stride-th bin of the resolution x resolution grid;
+    memory_format (None: the ops' choice) lays the result out for its consumer.
     """
 
-    def __init__(self, spec: PoolerSpec, scales: Sequence[float], bin_stride: int = 1) -> None:
+    def __init__(self, spec: PoolerSpec, scales: Sequence[float], bin_stride: int = 1,
+                 memory_format: Optional[torch.memory_format] = None) -> None:
         super().__init__()
         if spec.type != "ROIAlignV2":
             raise ValueError(f"unsupported pooler type {spec.type!r}")
@@ -64,6 +66,7 @@ class ROIPooler(nn.Module):
         self.sampling_ratio = spec.sampling_ratio
         self.scales = [float(s) for s in scales]
         self.bin_stride = bin_stride
+        self.memory_format = memory_format
 
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """features: per level [N, C, H, W]; boxes: per image [Ri, 4], or [K, 5] rois -> [sum Ri, C, S, S]
@@ -72,9 +75,9 @@ class ROIPooler(nn.Module):
 
         if len(self.scales) == 1:
             return ops.roi_align(features[0], boxes, self.output_size, self.scales[0], self.sampling_ratio, True,
-                                 bin_stride=self.bin_stride)
+                                 bin_stride=self.bin_stride, memory_format=self.memory_format)
         return ops.multilevel_roi_align(features, boxes, self.output_size, self.scales, self.sampling_ratio,
-                                        aligned=True)
+                                        aligned=True, memory_format=self.memory_format)
 
 
 def fast_rcnn_inference_single_image(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int],
@@ -185,7 +188,10 @@ class StandardROIHeads(_ROIHeadsBase):
         c = channels.pop()
         scales = [1.0 / input_shape[f][1] for f in self.in_features]
         bh = rh.box_head
-        self.box_pooler = ROIPooler(bh.pooler, scales)
+        # an FC-only head flattens NCHW rows: pooling straight into that layout saves a copy of every pooled ROI
+        # (400 MB for DC5's 1000 x 2048 x 7 x 7) when the maps are channels-last
+        self.box_pooler = ROIPooler(bh.pooler, scales,
+                                    memory_format=torch.contiguous_format if bh.num_conv == 0 else None)
         self.box_head = FastRCNNConvFCHead(c, bh.pooler.resolution, bh)
         self.box_predictor = FastRCNNOutputLayers(self.box_head.output_size, rh.num_classes,
                                                   bh.cls_agnostic_bbox_reg)

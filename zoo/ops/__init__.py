@@ -119,36 +119,53 @@ def _kernels(tensor: Tensor):
     return zoo.kernels
 
 
+def _check_memory_format(memory_format: Optional[torch.memory_format]) -> None:
+    if memory_format not in (None, torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be None, torch.contiguous_format or torch.channels_last, "
+                         f"got {memory_format!r}")
+
+
+def _laid_out(out: Tensor, memory_format: Optional[torch.memory_format]) -> Tensor:
+    return out if memory_format is None else out.contiguous(memory_format=memory_format)
+
+
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
-              *, bin_stride: int = 1, backend: Optional[str] = None) -> Tensor:
+              *, bin_stride: int = 1, memory_format: Optional[torch.memory_format] = None,
+              backend: Optional[str] = None) -> Tensor:
     """ROIAlign (torchvision semantics): [N,C,H,W] x boxes -> [K,C,oh,ow].
 
     bin_stride=s computes only every s-th bin of the output_size grid along each axis, i.e.
     roi_align(...)[:, :, ::s, ::s] for 1/s**2 of the work (what a stride-s 1x1 convolution reads).
+    memory_format lays the result out as asked (torch.contiguous_format or torch.channels_last);
+    None leaves it to the backend (Triton: the maps' layout; torch: contiguous). Values are the same.
     """
+    _check_memory_format(memory_format)
     with _no_autocast(input):
         if resolve_backend(backend, input) == "triton":
             return _kernels(input).roi_align(input, boxes, output_size, spatial_scale,
-                                             sampling_ratio, aligned, bin_stride)
-        return reference.roi_align(input, boxes, output_size, spatial_scale,
-                                   sampling_ratio, aligned, bin_stride=bin_stride)
+                                             sampling_ratio, aligned, bin_stride, memory_format)
+        return _laid_out(reference.roi_align(input, boxes, output_size, spatial_scale,
+                                             sampling_ratio, aligned, bin_stride=bin_stride), memory_format)
 
 
 def multilevel_roi_align(features: Sequence[Tensor], boxes: BoxesLike,
                          output_size: Union[int, Sequence[int]], scales: Sequence[float],
                          sampling_ratio: int, aligned: bool = True,
                          canonical_box_size: float = 224, canonical_level: int = 4,
-                         *, backend: Optional[str] = None) -> Tensor:
-    """Detectron2 ROIPooler: assign each box an FPN level, pool, keep input order."""
+                         *, memory_format: Optional[torch.memory_format] = None,
+                         backend: Optional[str] = None) -> Tensor:
+    """Detectron2 ROIPooler: assign each box an FPN level, pool, keep input order (memory_format as in
+    roi_align)."""
+    _check_memory_format(memory_format)
     with _no_autocast(features[0]):
         if resolve_backend(backend, features[0]) == "triton":
             return _kernels(features[0]).multilevel_roi_align(
                 features, boxes, output_size, scales, sampling_ratio, aligned,
-                canonical_box_size, canonical_level)
-        return reference.multilevel_roi_align(features, boxes, output_size, scales,
-                                              sampling_ratio, aligned,
-                                              canonical_box_size, canonical_level)
+                canonical_box_size, canonical_level, memory_format)
+        return _laid_out(reference.multilevel_roi_align(features, boxes, output_size, scales,
+                                                        sampling_ratio, aligned,
+                                                        canonical_box_size, canonical_level), memory_format)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float,

@@ -156,8 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="batched warm-up runs (default: warm-up / 5, at least 2 since CUDA graphs capture a shape "
                          "on its second use)")
     ap.add_argument("--variants", "--precisions", dest="variants",
-                    default="fp32,fp32+dynamic,fp32+graphs,fp32+graphs+fused,tf32+graphs+fused,bf16+graphs,"
-                            "bf16+graphs+fused",
+                    default="fp32,fp32+dynamic,fp32+graphs,fp32+graphs+fused,tf32+graphs+fused,bf16+graphs+fused,"
+                            "fp16+graphs+fused",
                     help="zoo variants to time: a precision (fp32, tf32, bf16, fp16), '+graphs' for CUDA graphs, "
                          "'+dynamic' for the dynamic (host-synchronising) path, '+fused' for cuDNN's fused "
                          "conv-bias-add-relu (cudnn_fusion), '+torchops' for ZOO_OPS=torch")

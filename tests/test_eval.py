@@ -100,11 +100,58 @@ def test_bad_inputs_say_what_to_do(tmp_path):
     (tmp_path / "bad.json").write_text("{\"images\": []}")
     with pytest.raises(InputError, match="not COCO instances JSON"):
         load_annotations(tmp_path / "bad.json")
-    (tmp_path / "empty.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [], "categories": []}))
+    (tmp_path / "empty.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [],
+                                                        "categories": []}))
     with pytest.raises(InputError, match="no annotations"):
         load_annotations(tmp_path / "empty.json")
     with pytest.raises(InputError, match="--images"):
         evaluate(RecordedModel(), ann, tmp_path / "elsewhere", quiet=True)
+
+
+def _broken(ann_path, tmp_path, edit):
+    data = json.loads(ann_path.read_text())
+    edit(data)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda d: d["images"][1].pop("file_name"), r"images\[1\] \(id 2\) has no 'file_name'"),
+    (lambda d: d["images"][0].update(file_name=None), r"images\[0\] \(id 1\) has no 'file_name'"),
+    (lambda d: d["images"][2].pop("id"), r"images\[2\] has no integer 'id'"),
+    (lambda d: d.update(images={"1": "x"}), r"'images' is not a list"),
+    (lambda d: d["images"].append(dict(d["images"][0])), r"images\[3\] repeats image id 1"),
+    (lambda d: d["annotations"][4].pop("bbox"), r"annotations\[4\] has no 'bbox' of 4 numbers \[x, y, width, height\]"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\] has no 'bbox' of 4 numbers \[x, y, width, height\]"),
+    (lambda d: d["annotations"][2].pop("area"), r"annotations\[2\] has no numeric 'area'"),
+    (lambda d: d["annotations"][3].pop("iscrowd"), r"annotations\[3\] has no 'iscrowd' of 0 or 1"),
+    (lambda d: d["annotations"][1].pop("id"), r"annotations\[1\] has no integer 'id'"),
+    (lambda d: d["categories"][5].pop("id"), r"categories\[5\] has no integer 'id'"),
+])
+def test_malformed_annotations_are_one_clear_error(tmp_path, edit, problem):
+    """Each of these made pycocotools raise a bare KeyError/TypeError, some only after the whole inference run."""
+    ann, _ = build_dataset(tmp_path)
+    with pytest.raises(InputError, match=r"is not usable COCO instances JSON: " + problem + r"; fix the file"):
+        load_annotations(_broken(ann, tmp_path, edit))
+
+
+def test_images_without_ground_truth_or_masks(tmp_path):
+    ann, images = build_dataset(tmp_path)
+    # image 1's annotations moved to an image that is not listed: evaluating image 1 alone has no ground truth
+    moved = _broken(ann, tmp_path, lambda d: [a.update(image_id=99) for a in d["annotations"] if a["image_id"] == 1])
+    with pytest.raises(InputError, match=r"none of the 1 image to evaluate has a \(non-crowd\) annotation, so AP "
+                                         r"is undefined; evaluate more images \(--limit\)"):
+        evaluate(RecordedModel(), load_annotations(moved), images, limit=1, quiet=True)
+    # with image 2 it is scored (image 1's detections now count as false positives)
+    assert 0 < evaluate(RecordedModel(), load_annotations(moved), images, limit=2, quiet=True).stats["bbox"][0] < 1
+    # box-only ground truth for a mask model: bbox is scored, segm is not, and the report says why
+    boxes_only = _broken(ann, tmp_path, lambda d: [a.pop("segmentation") for a in d["annotations"]])
+    result = evaluate(RecordedModel(), load_annotations(boxes_only), images, quiet=True)
+    assert set(result.stats) == {"bbox"} and result.stats["bbox"][0] == pytest.approx(1.0)
+    report = format_report(result, get_manifest(MODEL))
+    assert report.endswith("segm AP not scored: annotation 1 has no 'segmentation' (box-only ground truth)")
+    assert "3 images" in repr(result) and "bbox AP 100.0" in repr(result) and len(repr(result)) < 200
 
 
 def test_missing_pycocotools_is_one_clear_error(monkeypatch):
@@ -174,7 +221,8 @@ def test_cli_eval_at_another_input_size_says_so(tmp_path, tmp_path_factory):
                 "--out", str(tmp_path / "r.json"), "--device", "cpu", "--limit", "1", "--min-size", "320",
                 "--max-size", "512")
     assert r.returncode == 0, r.stderr
-    assert "at min_size 320, max_size 512 (the published AP is not)" in r.stdout.splitlines()[0], r.stdout
+    assert "at min_size 320, max_size 512 (the published AP was measured at 800, 1333)" in r.stdout.splitlines()[0], \
+        r.stdout
 
 
 def test_cli_eval_refuses_fp16_on_cpu_before_anything(tmp_path):

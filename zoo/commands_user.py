@@ -166,7 +166,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """COCO-evaluate a model on a COCO-format dataset and compare with the published AP."""
-    from .evaluation import evaluate, format_report, load_annotations, require_pycocotools
+    from .evaluation import evaluate, format_report, image_paths, load_annotations, require_pycocotools
     from .registry import get_manifest
 
     require_pycocotools()
@@ -178,7 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise InputError(f"--out {args.out!r} is a folder; pass a file name for the results JSON")
     _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
-    coco = load_annotations(args.annotations)  # a bad file fails before the model loads
+    coco = load_annotations(args.annotations)  # a bad file, folder or image fails before the model loads
+    image_paths(coco, args.images, args.limit)
     model = load_model(args, precision=args.precision)
     result = evaluate(model, coco, args.images, limit=args.limit, batch_size=args.batch)
     try:
@@ -189,7 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     size = ""
     if (model.min_size_test, model.max_size_test) != (manifest.architecture.input.min_size_test,
                                                       manifest.architecture.input.max_size_test):
-        size = f" at min_size {model.min_size_test}, max_size {model.max_size_test} (the published AP is not)"
+        published = manifest.architecture.input
+        size = (f" at min_size {model.min_size_test}, max_size {model.max_size_test} (the published AP was measured "
+                f"at {published.min_size_test}, {published.max_size_test})")
     print(f"{manifest.name} on {n} image{'s' if n != 1 else ''} of {args.annotations}{size}\n")
     print(format_report(result, manifest))
     print(f"\nresults: {out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ def load_annotations(path: Union[str, os.PathLike]) -> Any:
         raise InputError(f"cannot read annotation file {str(p)!r} ({e}); pass a COCO instances JSON file") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
         raise InputError(f"{str(p)!r} is not COCO instances JSON (needs 'images', 'annotations' and 'categories')")
+    problem = _format_problem(data)
+    if problem:  # pycocotools would fail on it with a bare KeyError, some of them only after the whole inference
+        raise InputError(f"{str(p)!r} is not usable COCO instances JSON: {problem}; fix the file or pass another")
     if not data["annotations"]:  # COCOeval would report AP -100 (undefined) for every metric
         raise InputError(f"{str(p)!r} has no annotations, so AP is undefined; pass a file with ground-truth boxes")
     coco = COCO()
@@ -44,6 +48,59 @@ def load_annotations(path: Union[str, os.PathLike]) -> Any:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
         coco.createIndex()
     return coco
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _format_problem(data: dict) -> Optional[str]:
+    """The first thing in a COCO instances dict that bbox evaluation cannot use, or None."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            return f"'{key}' is not a list"
+    seen: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            return f"images[{i}] has no integer 'id'"
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            return f"images[{i}] (id {im['id']}) has no 'file_name'"
+        if im["id"] in seen:
+            return f"images[{i}] repeats image id {im['id']}"
+        seen.add(im["id"])
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            return f"categories[{i}] has no integer 'id'"
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            return f"annotations[{i}] is not an object"
+        for key in ("id", "image_id", "category_id"):
+            if not _is_int(ann.get(key)):
+                return f"annotations[{i}] has no integer '{key}'"
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            return f"annotations[{i}] has no 'bbox' of 4 numbers [x, y, width, height]"
+        if not _is_number(ann.get("area")):
+            return f"annotations[{i}] has no numeric 'area'"
+        if ann.get("iscrowd") not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+            return f"annotations[{i}] has no 'iscrowd' of 0 or 1"
+    return None
+
+
+def _masks_problem(coco: Any, ids: list[int]) -> Optional[str]:
+    """Why the ground truth of images `ids` cannot be scored for masks (segm AP), or None."""
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=ids)):
+        seg = ann.get("segmentation")
+        if not isinstance(seg, (list, dict)) or not seg:
+            return f"annotation {ann['id']} has no 'segmentation'"
+        compressed = isinstance(seg, dict) and isinstance(seg.get("counts"), str)
+        if not compressed and not all(_is_int(coco.imgs[ann["image_id"]].get(k)) for k in ("height", "width")):
+            return f"image {ann['image_id']} has no integer 'height' and 'width' for its polygon masks"
+    return None
 
 
 @dataclass
@@ -54,9 +111,16 @@ class EvalResult:
     results: list[dict]
     stats: dict[str, list[float]] = field(default_factory=dict)
     summaries: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # the results can be thousands of records
+        aps = ", ".join(f"{k} AP {100 * v[0]:.1f}" for k, v in self.stats.items())
+        return f"EvalResult({len(self.image_ids)} images, {len(self.results)} results, {aps or 'not scored'})"
 
 
-def _image_paths(coco: Any, images: Path, limit: Optional[int]) -> list[tuple[int, Path]]:
+def image_paths(coco: Any, images: Union[str, os.PathLike], limit: Optional[int] = None) -> list[tuple[int, Path]]:
+    """(image id, file) of each image to evaluate, by id; InputError where the dataset cannot give an AP."""
+    images = Path(images).expanduser()
     if not images.is_dir():
         raise InputError(f"image folder {str(images)!r} does not exist; pass --images DIR holding the dataset's images")
     ids = sorted(coco.getImgIds())
@@ -73,6 +137,10 @@ def _image_paths(coco: Any, images: Path, limit: Optional[int]) -> list[tuple[in
             raise InputError(f"image {str(path)!r} (listed in the annotations) does not exist; "
                              "pass --images pointing at the folder that holds the dataset's images")
         out.append((i, path))
+    if not any(not a["iscrowd"] for a in coco.loadAnns(coco.getAnnIds(imgIds=ids))):
+        n = len(ids)
+        raise InputError(f"none of the {n} image{'s' if n != 1 else ''} to evaluate has a (non-crowd) annotation, "
+                         "so AP is undefined; evaluate more images (--limit) or pass another annotation file")
     return out
 
 
@@ -109,7 +177,7 @@ def evaluate(model: Any, annotations: Union[str, os.PathLike, Any], images: Unio
 
     # A path, or a COCO index already loaded with `load_annotations`.
     coco = load_annotations(annotations) if isinstance(annotations, (str, os.PathLike)) else annotations
-    todo = _image_paths(coco, Path(images).expanduser(), limit)
+    todo = image_paths(coco, images, limit)
     results: list[dict] = []
     has_masks = False
     paths = [p for _, p in todo]
@@ -125,6 +193,10 @@ def evaluate(model: Any, annotations: Union[str, os.PathLike, Any], images: Unio
     out = EvalResult(image_ids=ids, results=results)
     mask_model = has_masks or getattr(getattr(model, "manifest", None), "task", "") == "instance_segmentation"
     for iou_type in ("bbox", "segm") if mask_model else ("bbox",):
+        problem = _masks_problem(coco, ids) if iou_type == "segm" else None
+        if problem:
+            out.notes.append(f"segm AP not scored: {problem} (box-only ground truth)")
+            continue
         out.stats[iou_type], out.summaries[iou_type] = score_results(coco, results, iou_type, ids)
     return out
 
@@ -139,7 +211,8 @@ def format_report(result: EvalResult, manifest: Any = None) -> str:
         published = None
         if manifest is not None:
             published = manifest.metrics.box_ap if iou_type == "bbox" else manifest.metrics.mask_ap
-        tail = f"   published {published:.1f} ({manifest.provenance.evaluated_on})" if published is not None else ""
-        lines.append(f"{iou_type} AP {ap:.1f}{tail}")
+        tail = f"   published {published:.1f} on {manifest.provenance.evaluated_on}" if published is not None else ""
+        lines.append(f"{iou_type} AP {ap:.1f}{tail}" if ap >= 0 else f"{iou_type} AP n/a (no ground truth){tail}")
         lines.append("")
+    lines += result.notes
     return "\n".join(lines).rstrip("\n")

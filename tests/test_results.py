@@ -34,8 +34,16 @@ def test_index_like_detectron2_instances():
     assert kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.4]) and kept.masks.shape[0] == 3
     no_masks = _dets([[0, 0, 1, 1]], [0.5], [1])
     assert no_masks[0].masks is None and len(no_masks[1:]) == 0
+    # integers of any kind pick one instance, as a plain int does (e.g. from np.argsort or torch.argmax)
+    for i in (np.int64(2), np.array(2), torch.tensor(2), torch.tensor(-2, dtype=torch.int32)):
+        got = d[i]
+        assert len(got) == 1 and got.boxes.shape == (1, 4) and got.labels.tolist() == [0], type(i)
+        assert torch.equal(got.masks, masks[2:3])
+    assert len(d[np.array([0, 3])]) == 2 and len(d[np.array([True, False, True, False])]) == 2  # arrays as before
     with pytest.raises(IndexError, match="instance 4 asked for, but there are 4"):
         d[4]
+    with pytest.raises(IndexError, match="instance 4 asked for, but there are 4"):
+        d[np.int64(4)]
     with pytest.raises(IndexError):
         d[-5]
 

@@ -1,8 +1,9 @@
 """Detections returned by `predict`, and their COCO-format export."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,21 @@ COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
 )
 COCO_CLASS_NAMES: tuple[str, ...] = tuple(n for _, n in COCO_CATEGORIES)
 COCO_CATEGORY_IDS: tuple[int, ...] = tuple(i for i, _ in COCO_CATEGORIES)
+
+
+def _as_position(index: Any) -> Any:
+    """An integer scalar of any kind (NumPy integer, 0-d integer tensor or array) as an int; anything else as is."""
+    if isinstance(index, torch.Tensor):
+        scalar = index.ndim == 0 and not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
+        return int(index) if scalar else index
+    if isinstance(index, np.ndarray):
+        return int(index) if index.ndim == 0 and np.issubdtype(index.dtype, np.integer) else index
+    if isinstance(index, (bool, np.bool_)):
+        return index
+    try:
+        return operator.index(index)
+    except TypeError:
+        return index
 
 
 @dataclass
@@ -63,6 +79,7 @@ class Detections:
     def __getitem__(self, index) -> "Detections":
         """The instances picked by an int, a slice, a bool mask or an index tensor, as Detections (an int gives one
         instance, as Detectron2's Instances do): `det[:10]` (the 10 best), `det[det.labels == 0]` (people)."""
+        index = _as_position(index)
         if isinstance(index, int):
             n = len(self)
             if not -n <= index < n:

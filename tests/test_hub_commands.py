@@ -7,7 +7,8 @@ import hashlib
 import pytest
 from httpserver import hub_env, make_blob, server  # noqa: F401  (fixtures)
 
-from zoo.errors import UnknownModelError
+from zoo.cli import main
+from zoo.errors import UnknownModelError, ZooError
 from zoo.hub import cache_path, read_pins
 from zoo.hub.commands import add_commands
 
@@ -118,3 +119,29 @@ def test_real_cli_wiring(hub_env, capsys):
     assert main(["cache", "path"]) == 0
     assert capsys.readouterr().out.strip() == str(hub_env)
     assert main(["verify"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["verify"], ["cache", "ls"], ["cache", "prune"], ["cache", "rm", "alpha"],
+                                  ["download", "alpha", "beta"], ["pin", "alpha"]])
+def test_an_unusable_cache_is_one_error(cli, tmp_path, capsys, monkeypatch, argv):
+    """ZOO_HOME naming a file, or a file on its path, and a damaged pins.json: one line saying what to fix, exit 1,
+    where each model used to report the same pins.json problem (and verify then blamed corrupt files)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    pins = tmp_path / "home" / "pins.json"
+    pins.parent.mkdir()
+    pins.write_text("garbage")
+    for home, problem in ((afile, "it is a file, not a folder; point ZOO_HOME at a folder"),
+                          (afile / "sub", f"{afile} (on its path) is a file, not a folder; point ZOO_HOME"),
+                          (pins.parent, None)):
+        monkeypatch.setenv("ZOO_HOME", str(home))
+        with pytest.raises(ZooError) as e:  # the handler itself, with the test's resolver
+            cli(*argv)
+        assert (problem in str(e.value)) if problem else str(e.value).startswith(f"cannot read {pins} (")
+        capsys.readouterr()
+        real = [{"alpha": "faster_rcnn_R_50_FPN_3x", "beta": "mask_rcnn_R_50_FPN_3x"}.get(a, a) for a in argv]
+        assert main(real) == 1  # the real entry point and names: one line, no traceback
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.startswith("zoo: error: ") and out == "", (out, err)
+        assert (f"the cache {home} cannot be used: {problem}" in err) if problem else \
+            err.rstrip().endswith("fix or delete it (deleting forgets all local pins)"), err

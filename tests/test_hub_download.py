@@ -349,3 +349,13 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert cache.cache_path(CANON + "COCO-Detection/faster_rcnn_R_50_FPN_3x/137849458/model_final_280758.pkl") == (
         tmp_path / "zh/detectron2/COCO-Detection/faster_rcnn_R_50_FPN_3x/137849458/model_final_280758.pkl"
     )
+
+
+def test_a_cache_root_that_is_a_file_is_one_clear_error(server, tmp_path, monkeypatch):
+    data, name = make_blob(1000, 3)
+    url = server.add(f"/detectron2/m/{name}", data)
+    (tmp_path / "home").write_text("not a folder")
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    with pytest.raises(ZooError, match=r"the cache .*home cannot be used: it is a file, not a folder; point ZOO_HOME"):
+        fetch(url, quiet=True)
+    assert server.requests() == []  # nothing was downloaded only to fail at the write

@@ -42,6 +42,21 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "zoo"
 
 
+def check_cache_root() -> Path:
+    """The cache root, once it is known to be usable: a folder, or nothing yet below one (it is made on first
+    write), with a readable pins file. One clear error here instead of one per model further on."""
+    root = cache_root()
+    for p in (root, *root.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "it" if p == root else f"{p} (on its path)"
+                raise ZooError(f"the cache {root} cannot be used: {what} is a file, not a folder; point ZOO_HOME at "
+                               "a folder (or unset it for ~/.cache/zoo)")
+            break
+    read_pins()
+    return root
+
+
 def relpath_for_url(url: str) -> str:
     """The cache-relative path (POSIX style) that `url` is stored under: its URL path."""
     parts = urlsplit(url)

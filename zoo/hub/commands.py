@@ -37,6 +37,7 @@ def cmd_download(args: argparse.Namespace, resolve: Resolver) -> int:
     items = _resolve(resolve, args.names, args.all)
     if items is None:
         return 1
+    cache.check_cache_root()
     failed = 0
     for name, url, sha in items:
         try:
@@ -55,6 +56,7 @@ def cmd_verify(args: argparse.Namespace, resolve: Resolver) -> int:
     items = _resolve(resolve, args.names, not named)
     if items is None:
         return 1
+    cache.check_cache_root()
     corrupt = shown = 0
     for name, url, sha in items:
         try:
@@ -88,6 +90,7 @@ def cmd_cache(args: argparse.Namespace, resolve: Resolver) -> int:
     if args.cache_command == "path":
         print(cache.cache_root())
         return 0
+    cache.check_cache_root()
     if args.cache_command == "ls":
         files = cache.cached_files()
         if not files:
@@ -130,6 +133,7 @@ def cmd_pin(args: argparse.Namespace, resolve: Resolver) -> int:
     items = _resolve(resolve, args.names, False)
     if items is None:
         return 1
+    cache.check_cache_root()
     failed = 0
     for name, url, _ in items:
         try:

@@ -454,6 +454,7 @@ def _publish(partial: Path, final: Path, url: str, sha256: Optional[str], total:
 
 def fetch(url: str, *, sha256: Optional[str] = None, quiet: Optional[bool] = None) -> Path:
     """Return the verified cached file for `url`, downloading it first if needed."""
+    cache.check_cache_root()
     final = cache.cache_path(url)
     sha256 = _norm_sha(sha256)
 

@@ -89,6 +89,10 @@ def test_config_path_is_accepted_as_name():
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(UnknownModelError, match="did you mean mask_rcnn_R_50_FPN_3x"):
         zoo.get_manifest("mask_rcnn_R50_FPN_3x")
+    # names are case-sensitive, but a name typed in the wrong case is suggested in the right one
+    with pytest.raises(UnknownModelError, match=r"unknown model 'MASK_RCNN_R_50_FPN_3X'; did you mean "
+                                                r"mask_rcnn_R_50_FPN_3x\b"):
+        zoo.get_manifest("MASK_RCNN_R_50_FPN_3X")
 
 
 def good_record() -> dict:

@@ -115,7 +115,9 @@ def get_manifest(name: str) -> Manifest:
     m = table.get(_key(name))
     if m is not None and ("/" not in name or m.config == name or m.config == name + ".yaml"):
         return m
-    close = difflib.get_close_matches(_key(name), list(table), n=3, cutoff=0.6)
+    # suggestions ignore case: names mix it (R_50, FPN), so MASK_RCNN_R_50_FPN_3X is a near miss, not a stranger
+    lowered = {k.lower(): k for k in table}
+    close = [lowered[k] for k in difflib.get_close_matches(_key(name).lower(), list(lowered), n=3, cutoff=0.6)]
     hint = f"; did you mean {', '.join(close)}?" if close else "; run `zoo list` to see all names"
     raise UnknownModelError(f"unknown model {name!r}{hint}")
 

@@ -39,6 +39,6 @@ def test_bench_rejects_bad_options_before_loading(tmp_path):
     r = zoo_cmd("bench", "faster_rcnn_R_50_FPN", "--synthetic")
     assert r.returncode == 1 and "did you mean" in r.stderr
     r = zoo_cmd("bench", BASE, "--synthetic", "--min-size", "0")
-    assert r.returncode == 1 and r.stderr.startswith("zoo: error: min_size=0 is not allowed"), r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("zoo: error: --min-size 0 is not allowed"), r.stderr
     r = zoo_cmd("bench", BASE, "--synthetic", "--device", "cpu", "--cuda-graphs")
     assert r.returncode == 1 and r.stderr.startswith("zoo: error: --cuda-graphs needs a CUDA device"), r.stderr

@@ -136,3 +136,23 @@ def test_version_and_all_with_names():
     assert r.returncode == 0 and r.stdout.startswith("zoo (detzoo) ")
     r = zoo_cmd("download", "--all", "faster_rcnn_R_50_FPN_1x")
     assert r.returncode == 1 and "not both" in r.stderr, r.stderr
+
+
+def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
+    """zoo's own warnings (here: bf16 on a CPU without bf16 units, forced so on any host) print as one
+    `zoo: warning:` line like the errors, not as Python's file:line + source; other libraries' are left alone."""
+    code = ("import sys, warnings; import zoo.modeling.detector as d; import zoo.commands_user as c; "
+            "d.cpu_lacks_bf16_units = lambda: True; check = c.check_precision_for; "
+            "c.check_precision_for = lambda a: (warnings.warn_explicit('other library', UserWarning, "
+            "'/elsewhere/lib.py', 7), check(a)); "
+            "from zoo.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code, "eval", "faster_rcnn_R_50_FPN_1x", "--annotations",
+                        str(tmp_path / "missing.json"), "--images", str(tmp_path), "--device", "cpu",
+                        "--precision", "bf16"], capture_output=True, text=True, env=env, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[0] == "/elsewhere/lib.py:7: UserWarning: other library", r.stderr
+    assert lines[1:] == ["zoo: warning: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 runs about 6x "
+                         "slower than fp32 on it; choose fp32 here",
+                         f"zoo: error: annotation file {str(tmp_path / 'missing.json')!r} does not exist; pass a COCO "
+                         "instances JSON file"], r.stderr

@@ -204,7 +204,7 @@ def test_a_zoo_model_is_streamed_and_its_batch_size_changes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("option, error", [(("--batch", "0"), "--batch must be at least 1"),
-                                           (("--max-size", "0"), "max_size=0 is not allowed")])
+                                           (("--max-size", "0"), "--max-size 0 is not allowed")])
 def test_cli_eval_refuses_a_bad_option_before_anything(tmp_path, option, error):
     ann, images = build_dataset(tmp_path)
     out = tmp_path / "out" / "results.json"

@@ -110,7 +110,7 @@ def test_predict_min_size_changes_the_input_size(tmp_path, small_env):
         assert 0 <= bx and bx + bw <= 512 + 1e-3 and 0 <= by and by + bh <= 600 + 1e-3
         assert x["segmentation"]["size"] == [600, 512]
     r = zoo_cmd("predict", name, image, "--out", str(tmp_path / "c"), "--min-size", "-5", env=env)
-    assert_one_line_error(r, "min_size=-5 is not allowed")
+    assert_one_line_error(r, "--min-size -5 is not allowed", "leave --min-size out for the manifest's ")
     assert not (tmp_path / "c").exists()
 
 

@@ -29,8 +29,9 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def checked_test_settings(arch, **settings):
-    """arch with the settings given (not None) replaced; a bad value is an InputError naming the keyword."""
+def checked_test_settings(arch, *, cli: bool = False, **settings):
+    """arch with the settings given (not None) replaced; a bad value is an InputError naming the keyword (the
+    command-line option with `cli`)."""
     from pydantic import ValidationError
 
     from .manifest import TEST_SETTINGS
@@ -42,7 +43,12 @@ def checked_test_settings(arch, **settings):
         key = next(k for k, place in TEST_SETTINGS.items() if tuple(err["loc"][:2]) == place)
         default = arch.test_settings()[key]
         kind = "an integer" if isinstance(default, int) else "a number"
-        raise InputError(f"{key}={settings[key]!r} is not allowed ({err['msg'][0].lower()}{err['msg'][1:]}); "
+        why = f"{err['msg'][0].lower()}{err['msg'][1:]}"
+        if cli:
+            option = "--" + key.replace("_", "-")
+            raise InputError(f"{option} {settings[key]!r} is not allowed ({why}); pass {kind} in range, or leave "
+                             f"{option} out for the manifest's {default}") from None
+        raise InputError(f"{key}={settings[key]!r} is not allowed ({why}); "
                          f"pass {kind} in range, or None for the manifest's {default}") from None
 
 

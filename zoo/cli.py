@@ -5,7 +5,9 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 from . import __version__, registry
@@ -156,9 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warning_line(show):
+    """warnings.showwarning that prints zoo's own warnings as one `zoo: warning:` line (they are advice, like the
+    errors) and leaves other libraries' in their usual form."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(_PACKAGE_DIR):
+            print(f"zoo: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `zoo` console script."""
     args = build_parser().parse_args(argv)
+    show = warnings.showwarning
+    warnings.showwarning = _warning_line(show)
     try:
         return int(args.func(args) or 0)
     except ZooError as e:
@@ -169,6 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:  # `zoo list | head`
         return 0
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

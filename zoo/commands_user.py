@@ -60,7 +60,7 @@ def check_sizes_for(args: argparse.Namespace, manifest: Any) -> None:
     """A bad --min-size / --max-size fails before anything is created or downloaded."""
     from .api import checked_test_settings
 
-    checked_test_settings(manifest.architecture, min_size=args.min_size, max_size=args.max_size)
+    checked_test_settings(manifest.architecture, cli=True, min_size=args.min_size, max_size=args.max_size)
 
 
 def check_precision_for(args: argparse.Namespace) -> None:

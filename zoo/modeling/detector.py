@@ -57,9 +57,8 @@ def check_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16" and torch.device(device).type == "cpu" and not _slow_bf16_warned \
             and cpu_lacks_bf16_units():
         _slow_bf16_warned = True
-        warnings.warn("this CPU has no bf16 units (AVX512-BF16 or AMX), so precision='bf16' runs about 6x slower "
-                      "than fp32 on it; use precision='fp32' (fast_convs=True is the quickest)", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn("this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 runs about 6x slower than fp32 on "
+                      "it; choose fp32 here", RuntimeWarning, stacklevel=2)
     return precision
 
 

@@ -228,6 +228,9 @@ def test_cast_weights_get_a_clear_error(model):
     with pytest.raises(InputError, match=r"weights are torch.bfloat16.*call model.float\(\), then set "
                                          r"model.precision = 'bf16'"):
         m.predict(_crops()[0])
+    # half weights on CPU: the advice is bf16, since fp16 runs on CUDA only
+    with pytest.raises(InputError, match=r"weights are torch.float16.*then set model.precision = 'bf16'$"):
+        copy.deepcopy(model).half().predict(_crops()[0])
     m.float()  # back to float32 weights, the precision switch does the rest
     m.precision = "bf16"
     assert len(m.predict(_crops()[0])) > 0

@@ -210,6 +210,8 @@ class GeneralizedRCNN(nn.Module):
         dtype = next(self.parameters()).dtype
         if dtype != torch.float32:  # e.g. after model.half(): the convolutions would fail on float32 images
             name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "bf16")
+            if name == "fp16" and self.device.type != "cuda":  # fp16 runs on CUDA only: point at what runs here
+                name = "bf16"
             raise InputError(f"the model's weights are {dtype}, but zoo keeps them float32 and runs reduced "
                              f"precision under autocast: call model.float(), then set model.precision = '{name}'")
         tensors = [p.tensor.to(self.device, non_blocking=True) for p in prepared]

@@ -135,9 +135,21 @@ def test_500_then_200_is_retried(server, hub_env):
 def test_persistent_5xx_gives_up_with_clear_error(server, hub_env, monkeypatch):
     monkeypatch.setenv("ZOO_RETRIES", "2")
     _, path, url = serve(server, always={"status": 502})
-    with pytest.raises(DownloadError, match="giving up.*HTTP 502"):
+    with pytest.raises(DownloadError, match=r"giving up on .* after 3 attempts \(HTTP 502[^)]*\); check the network and "
+                                            r"run again$"):  # nothing came, so no partial file is promised
         fetch(url)
     assert len(server.requests(path)) == 3
+
+
+def test_giving_up_after_some_bytes_keeps_them_for_the_next_run(server, hub_env, monkeypatch):
+    monkeypatch.setenv("ZOO_RETRIES", "2")
+    monkeypatch.setenv("ZOO_RETRY_BASE_DELAY", "0.01")
+    data, path, url = serve(server, faults=[{"drop_after": SIZE // 3}, {"status": 502}, {"status": 502}])
+    with pytest.raises(DownloadError, match=r"after 3 attempts .*run again, the partial download is kept and resumes$"):
+        fetch(url)
+    partial = Path(str(cached(hub_env, path)) + ".incomplete")
+    assert partial.read_bytes() == data[:SIZE // 3]
+    assert fetch(url).read_bytes() == data and server.requests(path)[-1].range == f"bytes={SIZE // 3}-"
 
 
 @pytest.mark.parametrize("status", [404, 403])

@@ -33,6 +33,7 @@ def test_index_like_detectron2_instances():
     kept = d.filter(0.4)  # at least 0.4
     assert kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.4]) and kept.masks.shape[0] == 3
     no_masks = _dets([[0, 0, 1, 1]], [0.5], [1])
+    assert repr(no_masks).startswith("Detections(1 instance in a 240x320 image, device cpu: bicycle 0.50")
     assert no_masks[0].masks is None and len(no_masks[1:]) == 0
     # integers of any kind pick one instance, as a plain int does (e.g. from np.argsort or torch.argmax)
     for i in (np.int64(2), np.array(2), torch.tensor(2), torch.tensor(-2, dtype=torch.int32)):

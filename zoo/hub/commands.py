@@ -105,7 +105,7 @@ def cmd_cache(args: argparse.Namespace, resolve: Resolver) -> int:
                 state = "manifest" if manifest_sha else ("pinned" if f.pin else "unpinned")
             where = f.rel if f.state == "complete" else cache._rel(f.path)  # the file's real name: .corrupt, ...
             print(f"{state:<11} {_human(f.size):>10}  {where}" + (f"  ({name})" if name else ""))
-        print(f"{len(files)} files, {_human(sum(f.size for f in files))} in {cache.cache_root()}")
+        print(f"{len(files)} file{'s' if len(files) != 1 else ''}, {_human(sum(f.size for f in files))} in {cache.cache_root()}")
         return 0
     if args.cache_command == "rm":
         items = _resolve(resolve, args.names, False)
@@ -124,7 +124,7 @@ def cmd_cache(args: argparse.Namespace, resolve: Resolver) -> int:
     removed = cache.prune()
     for p in removed:
         print(f"removed {p}")
-    print(f"pruned {len(removed)} files" if removed else "nothing to prune")
+    print(f"pruned {len(removed)} file{'s' if len(removed) != 1 else ''}" if removed else "nothing to prune")
     return 0
 
 

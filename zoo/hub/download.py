@@ -331,9 +331,11 @@ def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirro
                 # Progress resets the backoff: a flaky link that keeps moving is not a dead one.
                 failures = 1 if e.progressed else failures + 1
                 if failures > retries or attempts >= _MAX_ATTEMPTS:
+                    kept = partial.exists() and partial.stat().st_size > 0
                     raise DownloadError(
-                        f"giving up on {src} after {attempts} attempts ({e.reason}); check the network and run "
-                        f"again, the partial download is kept and resumes"
+                        f"giving up on {src} after {attempts} attempt{'s' if attempts != 1 else ''} ({e.reason}); "
+                        f"check the network and run again" + (", the partial download is kept and resumes" if kept
+                                                                else "")
                     ) from None
                 time.sleep(min(base_delay * 2 ** (failures - 1), 60.0) * (1 + 0.1 * random.random()))
 

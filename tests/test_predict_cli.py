@@ -2,6 +2,7 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,10 @@ def test_predict_batch_changes_no_result(tmp_path, small_env):
     np.testing.assert_allclose([x["bbox"] for x in one], [x["bbox"] for x in two], rtol=0, atol=1e-3)
     np.testing.assert_allclose([x["score"] for x in one], [x["score"] for x in two], rtol=0, atol=1e-5)
     assert {1, 3} <= {x["image_id"] for x in two} <= {1, 2, 3}
+    # the same file name twice: path and picture say which input and which drawing each record belongs to
+    pictures = {1: "grace_hopper.png", 2: "scene_427x640.png", 3: "grace_hopper_1.png"}
+    assert all(x["picture"] == pictures[x["image_id"]] and x["path"] == images[x["image_id"] - 1]
+               and x["file_name"] == Path(images[x["image_id"] - 1]).name for x in two)
     r = zoo_cmd("predict", name, *images, "--out", str(tmp_path / "0"), "--batch", "0", env=env)
     assert_one_line_error(r, "--batch must be at least 1")
     assert not (tmp_path / "0").exists()
@@ -112,6 +117,39 @@ def test_predict_min_size_changes_the_input_size(tmp_path, small_env):
     r = zoo_cmd("predict", name, image, "--out", str(tmp_path / "c"), "--min-size", "-5", env=env)
     assert_one_line_error(r, "--min-size -5 is not allowed", "leave --min-size out for the manifest's ")
     assert not (tmp_path / "c").exists()
+
+
+def test_an_image_that_fails_to_decode_is_skipped_and_the_rest_are_done(tmp_path, small_env):
+    """A truncated file passes the header check made before the model loads and fails when decoded: it is named in
+    one warning, the other images get their pictures and results.json, and the run ends with one error (exit 1)."""
+    name, env = small_env
+    whole = (IMAGES / "grace_hopper.png").read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "b_truncated.png").write_bytes(whole[: len(whole) // 2])
+    shutil.copy(IMAGES / "grace_hopper.png", folder / "a.png")
+    shutil.copy(IMAGES / "scene_427x640.png", folder / "c.png")
+    out = tmp_path / "out"
+    r = zoo_cmd("predict", name, str(folder), "--out", str(out), "--device", "cpu", env=env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"zoo: warning: skipped {folder / 'b_truncated.png'}: cannot read")
+    assert err[1] == ("zoo: error: 1 of 3 images could not be read (each named above) and were skipped; fix or "
+                      "remove them and run again for those")
+    assert "wrote 2 pictures and results.json" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "results.json"]
+    assert {x["image_id"] for x in json.loads((out / "results.json").read_text())} <= {1, 3}
+    # every image unreadable: no results file, no folder left, one error after the warnings
+    (folder / "a.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "c.png").unlink()
+    r = zoo_cmd("predict", name, str(folder), "--out", str(tmp_path / "none"), "--device", "cpu", env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "zoo: error: none of the 2 images could be read (each named above); check that they are whole image files")
+    assert not (tmp_path / "none").exists()
+    # one image: its own error is the run's, on one line
+    r = zoo_cmd("predict", name, str(folder / "a.png"), "--out", str(tmp_path / "one"), "--device", "cpu", env=env)
+    assert_one_line_error(r, "cannot read", "a.png")
+    assert not (tmp_path / "one").exists()
 
 
 def test_unknown_model_suggests_close_names(tmp_path):

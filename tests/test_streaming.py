@@ -200,3 +200,22 @@ def test_predict_iter_copes_with_a_caller_that_reuses_one_array(model):
     got = list(model.predict_iter(reader(), window=3, workers=2))
     for f, d in zip(frames, got):
         _same(model.predict(f), d)
+
+
+def test_predict_iter_can_yield_errors_in_place_and_go_on(model, tmp_path):
+    """errors="yield": an unreadable image's InputError comes in its place, in order, and the others are predicted
+    exactly as without it (batched around the gap)."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    good = _images()
+    images = good[:2] + [bad, tmp_path / "missing.png"] + good[2:]
+    want = list(model.predict_iter(good, batch_size=2))
+    got = list(model.predict_iter(images, batch_size=2, errors="yield"))
+    assert len(got) == len(images)
+    assert isinstance(got[2], InputError) and "broken.jpg" in str(got[2])
+    assert isinstance(got[3], InputError) and "missing.png" in str(got[3])
+    for a, b in zip(want, got[:2] + got[4:]):
+        _same(a, b)
+    assert not _reader_threads()
+    with pytest.raises(InputError, match="errors must be 'raise' or 'yield'"):
+        model.predict_iter(images, errors="skip")

@@ -98,11 +98,13 @@ def _make_dir(path: Path, option: str) -> None:
                          f"pass {option} in a writable place") from None
 
 
-def _describe(det: Any) -> str:
+def _describe(det: Any, shown: int = 5) -> str:
+    """'3 instances: person 98%, dog 91%, car 60%', the best `shown` of them named."""
     if len(det) == 0:
         return "no instances"
-    parts = [f"{c} {s * 100:.0f}%" for c, s in zip(det.class_names, det.scores.tolist())]
-    return f"{len(det)} instance{'s' if len(det) != 1 else ''}: " + ", ".join(parts)
+    parts = [f"{c} {s * 100:.0f}%" for c, s in zip(det.class_names[:shown], det.scores[:shown].tolist())]
+    more = f", ... ({len(det) - shown} more)" if len(det) > shown else ""
+    return f"{len(det)} instance{'s' if len(det) != 1 else ''}: " + ", ".join(parts) + more
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -143,24 +145,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     records: list[dict] = []
     names = _output_names(paths)
-    # images are read ahead on threads while the network runs; drawing reads each one again
-    stream = zip(paths, names, model.predict_iter(paths, batch_size=args.batch))
+    skipped = 0
+    # images are read ahead on threads while the network runs; drawing reads each one again. Of several images,
+    # one that cannot be read is reported and skipped, so the rest of a large folder still gets done; a single
+    # image's error is the run's error.
+    stream = zip(paths, names, model.predict_iter(paths, batch_size=args.batch,
+                                                  errors="yield" if len(paths) > 1 else "raise"))
     bar = tqdm(stream, total=len(paths), desc="predict", unit="im", disable=_is_quiet(None) or len(paths) < 2)
-    for image_id, (path, out_name, det) in enumerate(bar, start=1):
-        rgb = to_rgb_array(path)
-        det = det.filter(args.score_thresh)
-        picture = draw(rgb, det, score_thresh=args.score_thresh)
-        # whole or not at all; zlib level 1 is 4x faster than PIL's default 6 (21 vs 79 ms at 640x480) for a
-        # file 9% larger; no fsync per picture (results.json, written last, has one)
-        write_file_atomic(out_dir / out_name, lambda f: picture.save(f, format="PNG", compress_level=1),
-                          fsync=False)
-        for rec in det.to_coco(image_id):
-            rec["file_name"] = path.name
-            records.append(rec)
-        bar.write(f"{path}: {_describe(det)}")
+    try:
+        for image_id, (path, out_name, det) in enumerate(bar, start=1):
+            try:
+                if isinstance(det, InputError):
+                    raise det
+                rgb = to_rgb_array(path)
+            except InputError as e:
+                skipped += 1
+                bar.write(f"zoo: warning: skipped {path}: {e}", file=sys.stderr)
+                continue
+            det = det.filter(args.score_thresh)
+            picture = draw(rgb, det, score_thresh=args.score_thresh)
+            # whole or not at all; zlib level 1 is 4x faster than PIL's default 6 (21 vs 79 ms at 640x480) for a
+            # file 9% larger; no fsync per picture (results.json, written last, has one)
+            write_file_atomic(out_dir / out_name, lambda f: picture.save(f, format="PNG", compress_level=1),
+                              fsync=False)
+            for rec in det.to_coco(image_id):
+                # file_name as COCO has it; path and picture tell apart images that share one (a/x.jpg, b/x.jpg)
+                rec.update(file_name=path.name, path=str(path), picture=out_name)
+                records.append(rec)
+            bar.write(f"{path}: {_describe(det)}")
+    except BaseException:
+        if created:  # still empty (one image, unreadable): leave no folder behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    done = len(paths) - skipped
+    if not done:
+        if created:
+            with contextlib.suppress(OSError):  # empty: every image was skipped
+                out_dir.rmdir()
+        raise InputError(f"none of the {len(paths)} images could be read (each named above); check that they are "
+                         "whole image files")
     write_json_atomic(out_dir / "results.json", records, indent=None)
-    print(f"wrote {len(paths)} picture{'s' if len(paths) != 1 else ''} and results.json "
+    print(f"wrote {done} picture{'s' if done != 1 else ''} and results.json "
           f"({len(records)} instances) to {out_dir}")
+    if skipped:
+        raise InputError(f"{skipped} of {len(paths)} images could not be read (each named above) and were skipped; "
+                         "fix or remove them and run again for those")
     return 0
 
 

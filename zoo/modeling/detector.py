@@ -406,7 +406,7 @@ class GeneralizedRCNN(nn.Module):
         return dets[0] if single else dets
 
     def predict_iter(self, images: Iterable[Any], *, batch_size: int = 1, exact: bool = True, workers: int = 2,
-                     window: Optional[int] = None) -> Iterator[Any]:
+                     window: Optional[int] = None, errors: str = "raise") -> Iterator[Any]:
         """Detections for each of `images` (any iterable: a list, a generator of paths), yielded in input order.
 
         Made for large image sets: `workers` threads read and resize images ahead while the network runs
@@ -415,35 +415,50 @@ class GeneralizedRCNN(nn.Module):
         `predict` groups them (exact=True: one padded shape per forward, so each result equals predicting that
         image alone); a group that has not filled up by the time `window` images wait runs partly full.
         Arrays are copied as they are taken, so a source that refills one buffer (a video reader) is safe.
-        An unreadable image raises its error when its turn comes; bad arguments raise at the call.
+        An image that cannot be read (a missing, corrupt or unsupported file, a bad array) raises its InputError
+        when its turn comes (errors="raise"), ending the stream; with errors="yield" that error is yielded in the
+        image's place and the stream goes on. Bad arguments raise at the call.
         """
         _check_positive("batch_size", batch_size)
         _check_positive("workers", workers, allow_zero=True)
         window = 4 * batch_size if window is None else window
         _check_positive("window", window)
+        if errors not in ("raise", "yield"):
+            raise InputError(f"errors must be 'raise' or 'yield', got {errors!r}")
         if self.training:
             self.eval()
-        return self._stream(images, batch_size, exact, workers, window, copy_arrays=True)
+        return self._stream(images, batch_size, exact, workers, window, copy_arrays=True,
+                            yield_errors=errors == "yield")
 
     def _stream(self, images: Iterable[Any], batch_size: int, exact: bool, workers: int, window: int,
-                copy_arrays: bool) -> Iterator[Any]:
+                copy_arrays: bool, yield_errors: bool = False) -> Iterator[Any]:
         from .streaming import group_batches, in_input_order, read_ahead
 
         def key(p: PreparedImage) -> Any:
             return padded_size(*p.size, self.size_divisibility) if exact else 0
 
+        def prepare(image: Any) -> Any:  # with yield_errors, an unreadable image becomes its error
+            try:
+                return self.prepare(image)
+            except InputError as e:
+                return e
+
         if workers and copy_arrays:  # a reader thread reads an array later: copy it now, the caller may reuse it
             images = (np.array(im) if isinstance(im, np.ndarray) else im for im in images)
-        reads = read_ahead(images, self.prepare, workers, depth=max(window, workers))
+        reads = read_ahead(images, prepare if yield_errors else self.prepare, workers, depth=max(window, workers))
+        failed = (lambda p: isinstance(p, InputError)) if yield_errors else None
         try:
-            yield from in_input_order(self._run_batches(group_batches(reads, key, batch_size, window)))
+            yield from in_input_order(self._run_batches(group_batches(reads, key, batch_size, window, failed)))
         finally:
             reads.close()  # stop the reader threads when the caller stops early
 
-    def _run_batches(self, batches: Iterable[list[tuple[int, PreparedImage]]]) -> Iterator[tuple[int, Any]]:
+    def _run_batches(self, batches: Iterable[list[tuple[int, Any]]]) -> Iterator[tuple[int, Any]]:
         from ..results import Detections
 
         for batch in batches:
+            if isinstance(batch[0][1], InputError):  # an image that could not be read: its error, in its place
+                yield batch[0]
+                continue
             with torch.inference_mode():  # only around the network: predict_iter's caller runs between yields
                 dets = self.detect(self.collate([p for _, p in batch]))
             for (i, _), d in zip(batch, dets):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+from typing import Callable, Hashable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,16 +35,19 @@ def read_ahead(items: Iterable[T], fn: Callable[[T], R], workers: int, depth: in
 
 
 def group_batches(items: Iterable[tuple[int, R]], key: Callable[[R], Hashable], batch_size: int,
-                  window: int) -> Iterator[list[tuple[int, R]]]:
+                  window: int, alone: Optional[Callable[[R], bool]] = None) -> Iterator[list[tuple[int, R]]]:
     """Batches of up to `batch_size` (index, item) pairs with equal key(item), each in input order.
 
     A batch leaves as soon as it is full. When `window` items are held, the partly filled batch holding the
     oldest one leaves, so memory and the wait for any one result stay bounded; at the end the rest leave,
-    oldest first.
+    oldest first. An item for which `alone(item)` is true leaves at once as a batch of its own.
     """
     buckets: dict[Hashable, list[tuple[int, R]]] = {}
     held = 0
     for idx, item in items:
+        if alone is not None and alone(item):
+            yield [(idx, item)]
+            continue
         k = key(item)
         bucket = buckets.setdefault(k, [])
         bucket.append((idx, item))

@@ -166,7 +166,8 @@ def workloads(device: str, tv):
 # candidate tiles; the first of each list is the default (ROIAlign: channels, bins, warps; NMS scan: words, warps)
 POOL_TILES_7 = [(32, 64, 8), (32, 64, 4), (64, 32, 4), (64, 32, 8), (128, 16, 8), (256, 8, 8)]
 POOL_TILES_14 = [(8, 256, 8), (16, 128, 8), (32, 64, 4), (64, 32, 4), (128, 16, 4), (128, 16, 8), (256, 8, 8)]
-# NCHW maps: the same tiles read in place, then two staged through a channels-last copy (kernels.forced_roi_align_staging)
+# NCHW maps: the same tiles read in place, then two staged through a channels-last copy
+# (kernels.forced_roi_align_staging)
 POOL_TILES_7_NCHW = POOL_TILES_7 + [(32, 64, 8, "staged"), (32, 64, 4, "staged")]
 SCAN_TILES = [(16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (32, 4), (64, 4), (128, 4)]
 

@@ -137,7 +137,7 @@ def image_paths(coco: Any, images: Union[str, os.PathLike], limit: Optional[int]
             raise InputError(f"image {str(path)!r} (listed in the annotations) does not exist; "
                              "pass --images pointing at the folder that holds the dataset's images")
         out.append((i, path))
-    if not any(not a["iscrowd"] for a in coco.loadAnns(coco.getAnnIds(imgIds=ids))):
+    if not any(not a.get("iscrowd", 0) for a in coco.loadAnns(coco.getAnnIds(imgIds=ids))):
         n = len(ids)
         raise InputError(f"none of the {n} image{'s' if n != 1 else ''} to evaluate has a (non-crowd) annotation, "
                          "so AP is undefined; evaluate more images (--limit) or pass another annotation file")

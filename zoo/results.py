@@ -63,7 +63,8 @@ class Detections:
         top = ", ".join(f"{c} {s:.2f}" for c, s in zip(self.class_names[:5], self.scores[:5].tolist()))
         more = f", ... ({len(self) - 5} more)" if len(self) > 5 else ""
         masks = "" if self.masks is None else f", masks {tuple(self.masks.shape)}"
-        return (f"Detections({len(self)} instance{'s' if len(self) != 1 else ''} in a {self.image_size[0]}x{self.image_size[1]} image"
+        h, w = self.image_size
+        return (f"Detections({len(self)} instance{'s' if len(self) != 1 else ''} in a {h}x{w} image"
                 f"{masks}, device {self.boxes.device}: {top or 'none'}{more})")
 
     @property

@@ -105,7 +105,8 @@ def cmd_cache(args: argparse.Namespace, resolve: Resolver) -> int:
                 state = "manifest" if manifest_sha else ("pinned" if f.pin else "unpinned")
             where = f.rel if f.state == "complete" else cache._rel(f.path)  # the file's real name: .corrupt, ...
             print(f"{state:<11} {_human(f.size):>10}  {where}" + (f"  ({name})" if name else ""))
-        print(f"{len(files)} file{'s' if len(files) != 1 else ''}, {_human(sum(f.size for f in files))} in {cache.cache_root()}")
+        total = _human(sum(f.size for f in files))
+        print(f"{len(files)} file{'s' if len(files) != 1 else ''}, {total} in {cache.cache_root()}")
         return 0
     if args.cache_command == "rm":
         items = _resolve(resolve, args.names, False)

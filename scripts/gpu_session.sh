@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU session on the H100 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
+# One GPU session on an H100/H200 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
-#   bash scripts/gpu_session.sh [A|B|Q|all]  # logs and tables land in $OUT (or ./gpu_out)
-# Every step has its own timeout (phase A: 290 s in all, B: 465 s, Q: 410 s); a failing step does not stop
-# the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
+#   bash scripts/gpu_session.sh [Q|R|A|B|all]  # logs and tables land in $OUT (or ./gpu_out)
+# Every step has its own timeout (phase Q: 460 s in all, R: 185 s, A: 290 s, B: 465 s); a failing step does not
+# stop the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
+# A lease is 15 minutes of device time, the machine's start (1-2 min) included: call Q once (timeout_s ~520),
+# then, while the machine is warm and if 4+ minutes are left, R (timeout_s ~220); then give_back.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -38,7 +40,8 @@ $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
 # checks parity with the switches that are still opt-in, and profiles. Most important first inside each: a step that
 # runs out of time only loses what comes after it. One log per step (some share extras.log) plus summary.log: at
 # most 8 files, the most the device tool brings back.
-# Q: a shorter recheck (about 410 s of steps) for a session with little device time left.
+# Q: what decides the defaults and fills the README's tables, in one call (about 460 s of steps); R: the rest of B
+# that Q leaves out (fused parity without TF32, model CUDA tests, profiles), about 185 s.
 # Steps that phases share, each taking its step timeout (pytest's own per-test timeout is 10 s less)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 OTHERS=faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
@@ -72,14 +75,28 @@ profile() { LOG=extras step "profile_$2" "$1" $PY scripts/profile_e2e.py --iters
   --model "$2" --rows 20; }
 
 phase=${1:-all}
-case $phase in A|B|Q|all) ;; *) echo "usage: gpu_session.sh [A|B|Q|all]" >&2; exit 2 ;; esac
+model_tests() {
+  LOG=tests_static_cuda step tests_model_cuda "$1" "${PYTEST[@]}" --timeout $(($1 - 5)) -k cuda \
+    tests/test_modeling_components.py tests/test_precision_batching.py
+}
+case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac
 if [ "$phase" = Q ]; then
   kernel_tests 60
   kernel_sweep 70
+  kernel_bench 50
   headline_bench 75
   others_bench 90 --no-torchvision --variants fp32+graphs+fused,tf32+graphs+fused,fp16+graphs+fused
   tf32_parity 70
   static_tests 45
+  cat "$summary"
+  exit 0
+fi
+if [ "$phase" = R ]; then
+  fused_parity 80
+  model_tests 30
+  profile 25 mask_rcnn_R_50_C4_1x
+  profile 25 faster_rcnn_R_50_DC5_1x tf32+fused
+  LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
   cat "$summary"
   exit 0
 fi
@@ -94,8 +111,7 @@ if [ "$phase" != A ]; then  # B: 465 s of steps
   tf32_parity 80
   fused_parity 80
   static_tests 50
-  LOG=tests_static_cuda step tests_model_cuda 30 "${PYTEST[@]}" --timeout 25 -k cuda tests/test_modeling_components.py \
-    tests/test_precision_batching.py
+  model_tests 30
   profile 25 mask_rcnn_R_50_C4_1x
   profile 25 faster_rcnn_R_50_DC5_1x tf32+fused
   LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20

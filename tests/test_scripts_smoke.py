@@ -3,6 +3,7 @@ short, so a script that breaks must be caught before it. The timings themselves 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,28 @@ def table_row(text: str, *first_cells: str) -> list[str]:
 def test_shell_scripts_parse(script):
     res = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+# phase -> the step timeouts it must add up to (the device call's timeout_s is planned from them)
+GPU_PHASE_SECONDS = {"Q": 460, "R": 185, "A": 290, "B": 465}
+
+
+@pytest.mark.parametrize("phase", sorted(GPU_PHASE_SECONDS))
+def test_gpu_session_phase_fits_the_device_call(phase, tmp_path):
+    # PY=echo prints each step's command instead of running it
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), phase], cwd=tmp_path, capture_output=True,
+                         text=True, env=dict(os.environ, OUT=str(out), PY="echo"), timeout=60)
+    assert res.returncode == 0, res.stderr
+    summary = (out / "summary.log").read_text()
+    steps = re.findall(r"^=== \S+ \(timeout (\d+)s\)", summary, re.M)
+    assert steps and sum(map(int, steps)) == GPU_PHASE_SECONDS[phase]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8  # the device tool brings back at most 8 files from $OUT
+    assert summary.count(": rc=0 in ") == len(steps)
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "X"], cwd=tmp_path, capture_output=True,
+                         text=True, env=dict(os.environ, OUT=str(out), PY="echo"), timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
 
 
 def test_bench_e2e_on_cpu(tmp_path):

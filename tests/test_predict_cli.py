@@ -47,12 +47,16 @@ def test_predict_folder_writes_pictures_and_coco_results(tmp_path, small_env):
     Image.open(IMAGES / "grace_hopper.png").convert("RGB").save(folder / "hopper.JPG", quality=95)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
+    out.mkdir()  # an earlier run's folder: its picture of the same name is replaced, other files are left
+    (out / "hopper.png").write_bytes(b"stale")
+    (out / "old.png").write_bytes(b"an earlier run's picture")
     # ZOO_QUIET unset: the progress bar must still stay quiet because stderr is not a terminal.
     r = zoo_cmd("predict", name, str(folder), "--out", str(out), "--score-thresh", "0.3", "--device", "auto",
                 env={**env, "ZOO_QUIET": ""})
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    assert sorted(p.name for p in out.iterdir()) == ["hopper.png", "results.json", "wide.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["hopper.png", "old.png", "results.json", "wide.png"]
+    assert (out / "old.png").read_bytes() == b"an earlier run's picture"
     for src, pic in ((folder / "hopper.JPG", "hopper.png"), (folder / "wide.png", "wide.png")):
         a = np.asarray(Image.open(src).convert("RGB")).astype(int)
         b = np.asarray(Image.open(out / pic).convert("RGB")).astype(int)

@@ -42,7 +42,7 @@ def test_shell_scripts_parse(script):
 
 
 # phase -> the step timeouts it must add up to (the device call's timeout_s is planned from them)
-GPU_PHASE_SECONDS = {"Q": 460, "R": 185, "A": 290, "B": 465}
+GPU_PHASE_SECONDS = {"Q": 460, "R": 215, "A": 290, "B": 465}
 
 
 @pytest.mark.parametrize("phase", sorted(GPU_PHASE_SECONDS))
@@ -103,6 +103,27 @@ def test_cpu_bench_table():
     share_all, share_top = (float(c.rstrip("%")) for c in cells[-1].split(" / "))
     assert 0 <= share_all <= 100 and share_top >= 90  # bf16 keeps fp32's best detections
 
+
+
+def test_memory_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import memory_e2e
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    zoo_line = {"filename": memory_e2e.ZOO_DIR + "modeling/layers.py", "line": 40, "name": "forward"}
+    torch_line = {"filename": "/site-packages/torch/nn/modules/conv.py", "line": 7, "name": "_conv_forward"}
+    snapshot = {"segments": [  # the shape of torch.cuda.memory._snapshot()
+        {"segment_pool_id": (0, 0), "blocks": [{"size": 1 << 20, "state": "active_allocated", "frames": [torch_line]},
+                                               {"size": 512, "state": "inactive", "frames": []}]},
+        {"segment_pool_id": (1, 2), "blocks": [{"size": 3 << 20, "state": "active_allocated",
+                                                "frames": [torch_line, zoo_line]}]}]}
+    # free blocks are not counted; a block is put down to zoo's innermost line, else to the innermost one
+    assert memory_e2e.live_blocks(snapshot) == [(1 << 20, "default", "conv.py:7 _conv_forward"),
+                                                (3 << 20, "graph", "layers.py:40 forward")]
+    if not torch.cuda.is_available():
+        res = run_script("scripts/memory_e2e.py", "--calls", "1")
+        assert "CUDA not available" in res.stdout
 
 
 def test_bench_kernels_on_cpu():

@@ -49,6 +49,10 @@ OTHERS=faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask
 FAST=fp32+graphs+fused,tf32+graphs+fused,bf16+graphs+fused,fp16+graphs+fused
 # CUDA tests: Triton kernels vs torchvision/torch; the fixed-shape path (no host sync, CUDA graphs) and cudnn_fusion
 kernel_tests() { step tests_kernels_gpu "$1" "${PYTEST[@]}" --timeout $(($1 - 10)) tests/test_kernels_gpu.py; }
+model_tests() {
+  LOG=tests_static_cuda step tests_model_cuda "$1" "${PYTEST[@]}" --timeout $(($1 - 5)) -k cuda \
+    tests/test_modeling_components.py tests/test_precision_batching.py
+}
 static_tests() {
   step tests_static_cuda "$1" "${PYTEST[@]}" --timeout $(($1 - 10)) -k cuda tests/test_static_path.py \
     tests/test_conv_fusion.py
@@ -75,10 +79,6 @@ profile() { LOG=extras step "profile_$2" "$1" $PY scripts/profile_e2e.py --iters
   --model "$2" --rows 20; }
 
 phase=${1:-all}
-model_tests() {
-  LOG=tests_static_cuda step tests_model_cuda "$1" "${PYTEST[@]}" --timeout $(($1 - 5)) -k cuda \
-    tests/test_modeling_components.py tests/test_precision_batching.py
-}
 case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac
 if [ "$phase" = Q ]; then
   kernel_tests 60

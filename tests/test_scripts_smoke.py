@@ -45,22 +45,27 @@ def test_shell_scripts_parse(script):
 GPU_PHASE_SECONDS = {"Q": 460, "R": 215, "A": 290, "B": 465}
 
 
+def run_gpu_session(phase: str, out) -> subprocess.CompletedProcess:
+    # PY=echo prints each step's command instead of running it
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), phase], cwd=out.parent,
+                          capture_output=True, text=True, env=dict(os.environ, OUT=str(out), PY="echo"), timeout=60)
+
+
 @pytest.mark.parametrize("phase", sorted(GPU_PHASE_SECONDS))
 def test_gpu_session_phase_fits_the_device_call(phase, tmp_path):
-    # PY=echo prints each step's command instead of running it
     out = tmp_path / "out"
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), phase], cwd=tmp_path, capture_output=True,
-                         text=True, env=dict(os.environ, OUT=str(out), PY="echo"), timeout=60)
+    res = run_gpu_session(phase, out)
     assert res.returncode == 0, res.stderr
     summary = (out / "summary.log").read_text()
     steps = re.findall(r"^=== \S+ \(timeout (\d+)s\)", summary, re.M)
     assert steps and sum(map(int, steps)) == GPU_PHASE_SECONDS[phase]
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8  # the device tool brings back at most 8 files from $OUT
     assert summary.count(": rc=0 in ") == len(steps)
-    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "X"], cwd=tmp_path, capture_output=True,
-                         text=True, env=dict(os.environ, OUT=str(out), PY="echo"), timeout=60)
-    assert bad.returncode == 2 and "usage" in bad.stderr
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # the device tool brings back at most 8 files
+
+
+def test_gpu_session_unknown_phase(tmp_path):
+    res = run_gpu_session("X", tmp_path / "out")
+    assert res.returncode == 2 and "usage" in res.stderr
 
 
 def test_bench_e2e_on_cpu(tmp_path):
@@ -102,7 +107,6 @@ def test_cpu_bench_table():
     assert exact > 0 and fast > 0 and bf16 > 0 and d2 == 1.69
     share_all, share_top = (float(c.rstrip("%")) for c in cells[-1].split(" / "))
     assert 0 <= share_all <= 100 and share_top >= 90  # bf16 keeps fp32's best detections
-
 
 
 def test_memory_script():

@@ -37,11 +37,16 @@ def where_allocated(frames: list[dict]) -> str:
     return f"{os.path.basename(f.get('filename', '?'))}:{f.get('line', '?')} {f.get('name', '')}".strip()
 
 
+def pool_of(segment: dict) -> str:
+    """'default', or 'graph' for a private pool (CUDA graphs)."""
+    return "default" if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0) else "graph"
+
+
 def live_blocks(snapshot: dict) -> list[tuple[int, str, str]]:
-    """(bytes, pool, where) of every allocated block: pool 'default' or 'graph' (a private pool)."""
+    """(bytes, pool, where) of every allocated block."""
     out = []
     for seg in snapshot.get("segments", []):
-        pool = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graph"
+        pool = pool_of(seg)
         for b in seg.get("blocks", []):
             if b.get("state") == "active_allocated":
                 out.append((b["size"], pool, where_allocated(b.get("frames", []))))
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| call {i + 1} | {torch.cuda.memory_allocated() / MiB:.0f} | "
               f"{torch.cuda.max_memory_allocated() / MiB:.0f} | {len(cache) if cache is not None else 0} |")
     try:
-        blocks = live_blocks(torch.cuda.memory._snapshot())
+        snapshot = torch.cuda.memory._snapshot()
+        blocks = live_blocks(snapshot)
     except Exception as e:  # the snapshot's format is private to PyTorch; the table above still stands
         print(f"no memory snapshot ({type(e).__name__}: {e})")
         return 0
@@ -86,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     by_pool = Counter()
     for size, pool, _ in blocks:
         by_pool[pool] += size
-    print("live by pool: " + ", ".join(f"{p} {n / MiB:.1f} MiB" for p, n in sorted(by_pool.items())))
+    reserved = Counter()  # a graph's pool keeps what its capture freed: reserved, not allocated
+    for seg in snapshot.get("segments", []):
+        reserved[pool_of(seg)] += seg.get("total_size", 0)
+    print("live by pool: " + ", ".join(f"{p} {n / MiB:.1f} MiB" for p, n in sorted(by_pool.items()))
+          + "; reserved: " + ", ".join(f"{p} {n / MiB:.1f} MiB" for p, n in sorted(reserved.items())))
     by_site = Counter()
     for size, pool, site in blocks:
         by_site[(pool, site)] += size

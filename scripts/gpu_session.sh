@@ -77,6 +77,12 @@ tf32_parity() {
 # where the time goes: mask R50-FPN, and the two baselines furthest from 3x Detectron2 (C4, DC5)
 profile() { LOG=extras step "profile_$2" "$1" $PY scripts/profile_e2e.py --iters 5 --variant "${3:-fp32+fused}" \
   --model "$2" --rows 20; }
+# C4 and DC5 at batch 1 and bf16 at batch 8 (75 s)
+profiles() {
+  profile 25 mask_rcnn_R_50_C4_1x
+  profile 25 faster_rcnn_R_50_DC5_1x tf32+fused
+  LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
+}
 
 phase=${1:-all}
 case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac
@@ -94,9 +100,7 @@ fi
 if [ "$phase" = R ]; then
   fused_parity 80
   model_tests 30
-  profile 25 mask_rcnn_R_50_C4_1x
-  profile 25 faster_rcnn_R_50_DC5_1x tf32+fused
-  LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
+  profiles
   # graphs held 712-787 MiB at batch 1 on the H100 where eager held 575 (Detectron2: 673 MB): what holds it
   LOG=extras step memory_graphs 30 $PY scripts/memory_e2e.py --variant fp32+graphs+fused
   cat "$summary"
@@ -114,8 +118,6 @@ if [ "$phase" != A ]; then  # B: 465 s of steps
   fused_parity 80
   static_tests 50
   model_tests 30
-  profile 25 mask_rcnn_R_50_C4_1x
-  profile 25 faster_rcnn_R_50_DC5_1x tf32+fused
-  LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
+  profiles
 fi
 cat "$summary"

@@ -6,7 +6,7 @@ With '+graphs' the first call runs eagerly and the second captures (zoo.modeling
 a capture adds to the eager peak; Detectron2's peak for mask R50-FPN is 673 MB (the issue's memory target).
 Same image and synthetic weights as scripts/bench_e2e.py.
 
-    python scripts/memory_e2e.py [--model mask_rcnn_R_50_FPN_3x] [--variant fp32+graphs+fused] [--calls 3]
+    python scripts/memory_e2e.py [--model mask_rcnn_R_50_FPN_3x] [--variant fp32+graphs] [--calls 3]
                                  [--sites 15]
 """
 from __future__ import annotations
@@ -22,8 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import apply_variant, load_image, synth_model  # noqa: E402
 
 MiB = 2**20
-
-
 ZOO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo") + os.sep
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from user_support import import_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,11 +85,7 @@ def test_bad_manifest_path_is_one_line_error(tmp_path):
 
 
 def test_readme_table_is_generated_from_manifests():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gen_readme_table
-    finally:
-        sys.path.pop(0)
+    gen_readme_table = import_script("gen_readme_table")
     readme = (ROOT / "README.md").read_text()
     assert gen_readme_table.table() in readme, "run python scripts/gen_readme_table.py"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from user_support import ROOT
+from user_support import ROOT, import_script
 
 MODEL = "faster_rcnn_R_50_FPN_3x"  # the quickest baseline at full size
 
@@ -110,11 +110,7 @@ def test_cpu_bench_table():
 
 
 def test_memory_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import memory_e2e
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    memory_e2e = import_script("memory_e2e")
     zoo_line = {"filename": memory_e2e.ZOO_DIR + "modeling/layers.py", "line": 40, "name": "forward"}
     torch_line = {"filename": "/site-packages/torch/nn/modules/conv.py", "line": 7, "name": "_conv_forward"}
     snapshot = {"segments": [  # the shape of torch.cuda.memory._snapshot()

@@ -3,6 +3,7 @@ fixture images, the CLI runner."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -17,6 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IMAGES = FIXTURES / "images"
 MIRROR_PREFIX = "https://dl.fbaipublicfiles.com/detectron2/"
+
+
+def import_script(name: str):
+    """A module of scripts/, imported with scripts/ on sys.path (the scripts import their neighbours by name)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
 
 
 def fixture_record(name: str, image: str) -> dict:

@@ -501,6 +501,40 @@ def test_cuda_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
 
 
 @cuda
+def test_cuda_graphs_of_every_shape_share_one_capture_stream(monkeypatch):
+    # PyTorch keeps a cuBLAS workspace for each stream that has run a matmul (32 MiB on Hopper): warming up on
+    # a fresh stream per capture and capturing on another held that much more memory for every new shape
+    from zoo.modeling import graphs
+
+    m = _tiny("faster_rcnn_R_50_FPN_3x").cuda()
+    m.static_shapes, m.cuda_graphs = True, True
+    gen = torch.Generator().manual_seed(5)
+    images = [(torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+              for h, w in [(48, 64), (64, 48), (64, 64)]]  # three padded shapes
+    streams = []
+    real_graph = torch.cuda.graph
+
+    def spy(*args, **kwargs):
+        streams.append(kwargs.get("stream"))
+        return real_graph(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "graph", spy)
+    grown = []
+    for img in images:
+        m.predict(img)  # a shape's first use runs eagerly
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        m.predict(img)  # its second captures
+        torch.cuda.synchronize()
+        grown.append(torch.cuda.memory_allocated() - before)
+    assert len(m._graph_cache) == 3
+    m.cuda_graphs = False
+    assert streams == [graphs._capture_stream(m.device)] * 3
+    # later captures add their graph's small inputs and outputs, no workspace
+    assert max(grown[1:]) < 4 * 2**20, grown
+
+
+@cuda
 def test_cuda_batched_nms_fixed_matches_torchvision():
     tv = pytest.importorskip("torchvision.ops", reason="torchvision not installed")
     from zoo.ops.synthetic import random_proposals

@@ -91,9 +91,9 @@ class GraphCache:
         """(graph, input buffer, sizes buffer, outputs) of a new capture, or None (with a warning) if it fails."""
         static_in, static_sizes = images.clone(), sizes.clone()
         try:
-            # warm up on a side stream: compiles the Triton kernels, lets cuDNN pick algorithms and fills
-            # caches (anchors, folded convs) so the capture only records kernels
-            side = torch.cuda.Stream(device=static_in.device)
+            # warm up on the stream that captures: compiles the Triton kernels, lets cuDNN pick algorithms
+            # and fills caches (anchors, folded convs) so the capture only records kernels
+            side = _capture_stream(static_in.device)
             side.wait_stream(torch.cuda.current_stream(static_in.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
@@ -102,7 +102,7 @@ class GraphCache:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 out = _compacted(model, static_in, static_sizes)
         except Exception as e:  # e.g. ZOO_OPS=torch, whose NMS reads values on the host
             _reset_rng_after_failed_capture(static_in.device)
@@ -110,6 +110,21 @@ class GraphCache:
                           "running this input shape without graphs", RuntimeWarning, stacklevel=3)
             return None
         return graph, static_in, static_sizes, out
+
+
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream that warms up and captures every graph on `device`. PyTorch keeps a cuBLAS
+    workspace (32 MiB on Hopper) for each stream that has run a matmul, for the life of the process: a
+    fresh pooled stream per capture (PyTorch cycles through 32) plus torch.cuda.graph's own capture stream
+    would each add one to the memory a model holds."""
+    device = torch.device(device)
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
 
 
 def _reset_rng_after_failed_capture(device: torch.device) -> None:

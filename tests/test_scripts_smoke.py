@@ -72,7 +72,7 @@ def test_bench_e2e_on_cpu(tmp_path):
     out = tmp_path / "e2e.md"
     # one run per column: the counts are set explicitly, and the table's ms/image run gives the detections
     run_script("scripts/bench_e2e.py", "--device", "cpu", "--quick", "--iters", "1", "--warmup", "0",
-               "--batch-iters", "1", "--batch-warmup", "0", "--batch", "1",
+               "--batch-iters", "1", "--batch-warmup", "0", "--batch", "1", "--min-size", "400",
                "--models", MODEL, "--variants", "fp32,bf16,fp32+graphs,fp32+fused,tf32", "--out", str(out))
     text = out.read_text()
     cells = table_row(text, MODEL, "zoo fp32")
@@ -80,6 +80,7 @@ def test_bench_e2e_on_cpu(tmp_path):
     assert int(cells[-2]) == 100  # the synthetic weights give 100 detections on the bench image
     assert cells[-1] == "100%"  # fp32 is the reference the other variants are matched against
     assert 50 <= float(table_row(text, MODEL, "zoo bf16")[-1].rstrip("%")) <= 100
+    assert "image 469x400;" in text  # grace_hopper (600x512) at --min-size 400, as the model would resize it
     assert f"{MODEL} fp32+graphs: skipped (needs CUDA)" in text
     assert table_row(text, MODEL, "zoo fp32+fused")[-1] == "100%"  # the switch leaves CPU results as they are
     assert f"{MODEL} tf32: skipped (needs CUDA)" in text

@@ -7,6 +7,7 @@ CUDA these are skipped (tests/test_kernels_gpu.py covers the compiled kernels).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import warnings
@@ -499,6 +500,32 @@ def test_paste_masks_matches_torch(K, near_half):
     assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), 0.5, backend="torch", batched=False))
     assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), 0.5, backend="torch", batched=True))
     assert ops.paste_masks(masks[:0], boxes[:0], (H, W), backend="triton").shape == (0, H, W)
+
+
+def test_paste_masks_regions_on_tile_borders(K):
+    # the kernel stores zeros without sampling in tiles (16 x 64 pixels) that miss a box's region
+    # (floor(x0) - 1 <= x < ceil(x1) + 1): regions that start or end exactly at a tile border, or one pixel
+    # past it, must still be pasted whole. A threshold below every sample makes the output the region itself.
+    from zoo.kernels import paste as kpaste
+
+    assert (kpaste._BLOCK_H, kpaste._BLOCK_W) == (16, 64), "the boxes below are placed for these tiles"
+    H, W = 100, 200
+    boxes = torch.tensor([[64.2, 16.4, 127.6, 30.2],  # region cols 63..128, rows 15..31: one past each border
+                          [65.0, 17.0, 126.0, 30.0],  # cols 64..127, rows 16..31: exactly the borders
+                          [65.5, 17.5, 127.0, 31.0],  # the same region from fractional corners
+                          [-50.0, -40.0, -10.0, -5.0],  # outside the image
+                          [-1e6, -1e6, 1e6, 1e6],  # covers everything
+                          [190.5, 95.5, 199.9, 99.9]])  # the last, partial tiles
+    masks = torch.rand(len(boxes), 28, 28, generator=torch.Generator().manual_seed(4))
+    out = ops.paste_masks(masks, boxes, (H, W), -1.0, backend="triton")
+    want = torch.zeros(len(boxes), H, W, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        ys = slice(max(math.floor(y0) - 1, 0), max(min(math.ceil(y1) + 1, H), 0))
+        xs = slice(max(math.floor(x0) - 1, 0), max(min(math.ceil(x1) + 1, W), 0))
+        want[i, ys, xs] = True
+    assert want[0, 15, 63] and want[0, 31, 128] and not want[1, 15, 63] and want[1, 16, 64] and want[4].all()
+    assert torch.equal(out, want)
+    assert torch.equal(out, ops.paste_masks(masks, boxes, (H, W), -1.0, backend="torch", batched=True))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

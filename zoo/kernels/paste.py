@@ -25,12 +25,28 @@ _BLOCK_W = 64
 def _paste_kernel(masks_ptr, boxes_ptr, out_ptr, H, W, thr, M: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     n = tl.program_id(0)
-    ys = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    xs = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ty = tl.program_id(1) * BLOCK_H
+    tx = tl.program_id(2) * BLOCK_W
+    ys = ty + tl.arange(0, BLOCK_H)
+    xs = tx + tl.arange(0, BLOCK_W)
     bx0 = tl.load(boxes_ptr + n * 4 + 0)
     by0 = tl.load(boxes_ptr + n * 4 + 1)
     bx1 = tl.load(boxes_ptr + n * 4 + 2)
     by1 = tl.load(boxes_ptr + n * 4 + 3)
+    offs = n.to(tl.int64) * H * W + ys[:, None].to(tl.int64) * W + xs[None, :]
+    inside = (ys[:, None] < H) & (xs[None, :] < W)
+    # Most tiles lie outside the box's region (a box covers a small part of the image): they only store
+    # zeros. The test is the per-pixel region test below on the tile's first and last rows and columns.
+    hit = (((ty + BLOCK_H - 1).to(tl.float32) >= tl.floor(by0) - 1.0) & (ty.to(tl.float32) < tl.ceil(by1) + 1.0)
+           & ((tx + BLOCK_W - 1).to(tl.float32) >= tl.floor(bx0) - 1.0) & (tx.to(tl.float32) < tl.ceil(bx1) + 1.0))
+    if hit:
+        _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, offs, inside, H, W, thr, M)
+    else:
+        tl.store(out_ptr + offs, tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.uint8), mask=inside)
+
+
+@triton.jit
+def _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, offs, inside, H, W, thr, M: tl.constexpr):
     yf = ys.to(tl.float32)
     xf = xs.to(tl.float32)
     # the pasted region: floor(x0) - 1 <= x < ceil(x1) + 1, inside the image
@@ -70,8 +86,7 @@ def _paste_kernel(masks_ptr, boxes_ptr, out_ptr, H, W, thr, M: tl.constexpr,
     acc = tl.fma(v10, wx0[None, :] * wy1[:, None], acc)
     acc = tl.fma(v11, wx1[None, :] * wy1[:, None], acc)
     keep = live & (acc >= thr)
-    offs = n.to(tl.int64) * H * W + ys[:, None].to(tl.int64) * W + xs[None, :]
-    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=(ys[:, None] < H) & (xs[None, :] < W))
+    tl.store(out_ptr + offs, keep.to(tl.uint8), mask=inside)
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -371,3 +372,26 @@ def test_a_cache_root_that_is_a_file_is_one_clear_error(server, tmp_path, monkey
     with pytest.raises(ZooError, match=r"the cache .*home cannot be used: it is a file, not a folder; point ZOO_HOME"):
         fetch(url, quiet=True)
     assert server.requests() == []  # nothing was downloaded only to fail at the write
+
+
+@pytest.mark.parametrize("host", ["refused", "unresolvable"])
+def test_unreachable_server_is_one_short_line_with_the_offline_ways(hub_env, monkeypatch, host):
+    # requests' own text for these runs to hundreds of characters; the reason is one phrase, and the message
+    # says how to go on without the network
+    monkeypatch.setenv("ZOO_RETRIES", "1")
+    monkeypatch.setenv("ZOO_RETRY_BASE_DELAY", "0.01")
+    if host == "refused":
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            netloc = f"127.0.0.1:{s.getsockname()[1]}"
+        reason = f"{netloc} refused the connection"
+    else:
+        netloc = "zoo-test.invalid"  # RFC 6761: never resolves
+        reason = f"cannot resolve the host name {netloc}"
+    url = f"http://{netloc}/detectron2/COCO-Detection/x/1/model_final.pkl"
+    with pytest.raises(DownloadError) as ei:
+        fetch(url)
+    msg = str(ei.value)
+    assert msg == (f"giving up on {url} after 2 attempts ({reason}); check the network and run again; without "
+                   "network access, set ZOO_MIRROR to a local copy of the files (README, Environment variables) or "
+                   "pass weights=PATH (--weights PATH on the command line)"), msg

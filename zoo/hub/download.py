@@ -147,10 +147,25 @@ def _source(url: str) -> tuple[str, object, bool]:
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str, progressed: bool = False) -> None:
+    def __init__(self, reason: str, progressed: bool = False, unreachable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.progressed = progressed
+        self.unreachable = unreachable  # the server was never reached (no DNS, refused, timed out)
+
+
+def _connect_failure(src: str, e: requests.RequestException) -> str:
+    """A one-phrase reason for a request that reached no server (requests' own text runs to 400 characters)."""
+    host = urlsplit(src).netloc
+    text = str(e)
+    if isinstance(e, requests.Timeout):
+        return f"no answer from {host} in time ({type(e).__name__})"
+    if any(k in text for k in ("NameResolutionError", "Name or service not known", "getaddrinfo failed",
+                                "nodename nor servname", "Temporary failure in name resolution")):
+        return f"cannot resolve the host name {host}"
+    if "Connection refused" in text or "ConnectionRefusedError" in text:
+        return f"{host} refused the connection"
+    return f"cannot connect to {host}: {text[:200]}"
 
 
 class _Progress:
@@ -267,7 +282,7 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
             f"or use ZOO_MIRROR"
         ) from None
     except (requests.ConnectionError, requests.Timeout) as e:
-        raise _Retry(f"cannot connect: {e}") from None
+        raise _Retry(_connect_failure(src, e), unreachable=True) from None
     except requests.RequestException as e:
         raise DownloadError(f"cannot request {src}: {e}; check the URL and ZOO_MIRROR") from None
     with r:
@@ -332,10 +347,13 @@ def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirro
                 failures = 1 if e.progressed else failures + 1
                 if failures > retries or attempts >= _MAX_ATTEMPTS:
                     kept = partial.exists() and partial.stat().st_size > 0
+                    tail = (", the partial download is kept and resumes" if kept
+                            else "; without network access, set ZOO_MIRROR to a local copy of the files (README, "
+                                 "Environment variables) or pass weights=PATH (--weights PATH on the command line)" if e.unreachable and not mirrored
+                            else "")
                     raise DownloadError(
                         f"giving up on {src} after {attempts} attempt{'s' if attempts != 1 else ''} ({e.reason}); "
-                        f"check the network and run again" + (", the partial download is kept and resumes" if kept
-                                                                else "")
+                        f"check the network and run again{tail}"
                     ) from None
                 time.sleep(min(base_delay * 2 ** (failures - 1), 60.0) * (1 + 0.1 * random.random()))
 

@@ -12,6 +12,7 @@ outputs (GeneralizedRCNN.detect clones them) before the next replay may reuse th
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Any, Optional
@@ -91,19 +92,22 @@ class GraphCache:
         """(graph, input buffer, sizes buffer, outputs) of a new capture, or None (with a warning) if it fails."""
         static_in, static_sizes = images.clone(), sizes.clone()
         try:
-            # warm up on the stream that captures: compiles the Triton kernels, lets cuDNN pick algorithms
-            # and fills caches (anchors, folded convs) so the capture only records kernels
-            side = _capture_stream(static_in.device)
-            side.wait_stream(torch.cuda.current_stream(static_in.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    _compacted(model, static_in, static_sizes)
-            torch.cuda.current_stream(static_in.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
-                out = _compacted(model, static_in, static_sizes)
+            # one capture at a time: the stream is shared, and another thread's kernels queued on it during a
+            # capture would be recorded into this graph
+            with _CAPTURE_LOCK:
+                # warm up on the stream that captures: compiles the Triton kernels, lets cuDNN pick algorithms
+                # and fills caches (anchors, folded convs) so the capture only records kernels
+                side = _capture_stream(static_in.device)
+                side.wait_stream(torch.cuda.current_stream(static_in.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        _compacted(model, static_in, static_sizes)
+                torch.cuda.current_stream(static_in.device).wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                    out = _compacted(model, static_in, static_sizes)
         except Exception as e:  # e.g. ZOO_OPS=torch, whose NMS reads values on the host
             _reset_rng_after_failed_capture(static_in.device)
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
@@ -113,6 +117,7 @@ class GraphCache:
 
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_CAPTURE_LOCK = threading.RLock()
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:

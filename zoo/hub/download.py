@@ -347,10 +347,13 @@ def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirro
                 failures = 1 if e.progressed else failures + 1
                 if failures > retries or attempts >= _MAX_ATTEMPTS:
                     kept = partial.exists() and partial.stat().st_size > 0
-                    tail = (", the partial download is kept and resumes" if kept
-                            else "; without network access, set ZOO_MIRROR to a local copy of the files (README, "
-                                 "Environment variables) or pass weights=PATH (--weights PATH on the command line)" if e.unreachable and not mirrored
-                            else "")
+                    if kept:
+                        tail = ", the partial download is kept and resumes"
+                    elif e.unreachable and not mirrored:
+                        tail = ("; without network access, set ZOO_MIRROR to a local copy of the files (README, "
+                                "Environment variables) or pass weights=PATH (--weights PATH on the command line)")
+                    else:
+                        tail = ""
                     raise DownloadError(
                         f"giving up on {src} after {attempts} attempt{'s' if attempts != 1 else ''} ({e.reason}); "
                         f"check the network and run again{tail}"

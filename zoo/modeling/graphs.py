@@ -91,33 +91,36 @@ class GraphCache:
     def _capture(self, model, images: torch.Tensor, sizes: torch.Tensor):
         """(graph, input buffer, sizes buffer, outputs) of a new capture, or None (with a warning) if it fails."""
         static_in, static_sizes = images.clone(), sizes.clone()
+        # one capture at a time: the stream is shared, and another thread's kernels queued on it during a
+        # capture would be recorded into this graph
+        with _CAPTURE_LOCK:
+            return self._capture_locked(model, static_in, static_sizes)
+
+    def _capture_locked(self, model, static_in: torch.Tensor, static_sizes: torch.Tensor):
         try:
-            # one capture at a time: the stream is shared, and another thread's kernels queued on it during a
-            # capture would be recorded into this graph
-            with _CAPTURE_LOCK:
-                # warm up on the stream that captures: compiles the Triton kernels, lets cuDNN pick algorithms
-                # and fills caches (anchors, folded convs) so the capture only records kernels
-                side = _capture_stream(static_in.device)
-                side.wait_stream(torch.cuda.current_stream(static_in.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        _compacted(model, static_in, static_sizes)
-                torch.cuda.current_stream(static_in.device).wait_stream(side)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=side):
-                    out = _compacted(model, static_in, static_sizes)
+            # warm up on the stream that captures: compiles the Triton kernels, lets cuDNN pick algorithms
+            # and fills caches (anchors, folded convs) so the capture only records kernels
+            side = _capture_stream(static_in.device)
+            side.wait_stream(torch.cuda.current_stream(static_in.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    _compacted(model, static_in, static_sizes)
+            torch.cuda.current_stream(static_in.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                out = _compacted(model, static_in, static_sizes)
         except Exception as e:  # e.g. ZOO_OPS=torch, whose NMS reads values on the host
             _reset_rng_after_failed_capture(static_in.device)
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                          "running this input shape without graphs", RuntimeWarning, stacklevel=3)
+                          "running this input shape without graphs", RuntimeWarning, stacklevel=4)
             return None
         return graph, static_in, static_sizes, out
 
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_CAPTURE_LOCK = threading.RLock()
+_CAPTURE_LOCK = threading.Lock()
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -146,7 +149,7 @@ def _reset_rng_after_failed_capture(device: torch.device) -> None:
         del graph
     except Exception as e:  # leave the original failure as the one reported
         warnings.warn(f"could not reset the CUDA generator after a failed capture ({type(e).__name__}); random "
-                      "ops on this device may fail", RuntimeWarning, stacklevel=4)
+                      "ops on this device may fail", RuntimeWarning, stacklevel=5)
 
 
 def _compacted(model, images: torch.Tensor, sizes: torch.Tensor) -> InstanceBatch:

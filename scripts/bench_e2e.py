@@ -9,7 +9,8 @@ torchvision's counterpart (CUDA only, imported only there) runs in the same proc
 
 Weights are the fixtures' synthetic ones (tests/synth_weights.py, seed 20261124), which give ~100
 detections per image, as in the Detectron2 measurement. Input: tests/fixtures/images/grace_hopper.png
-resized to 938x800 (HxW, short side 800) once, so no model resizes inside the timed region.
+resized to 938x800 (HxW, short side 800; --min-size picks another) once, so no model resizes inside the timed
+region.
 
     python scripts/bench_e2e.py [--models a,b] [--iters 50] [--batch 8] [--device cuda] [--quick] [--min-size 800]
         [--out F.md]

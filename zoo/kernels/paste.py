@@ -35,23 +35,27 @@ def _paste_kernel(masks_ptr, boxes_ptr, out_ptr, H, W, thr, M: tl.constexpr,
     by1 = tl.load(boxes_ptr + n * 4 + 3)
     offs = n.to(tl.int64) * H * W + ys[:, None].to(tl.int64) * W + xs[None, :]
     inside = (ys[:, None] < H) & (xs[None, :] < W)
+    # the pasted region: lo <= x < hi with lo = floor(x0) - 1, hi = ceil(x1) + 1 (rows alike), inside the image
+    lo_x, hi_x = tl.floor(bx0) - 1.0, tl.ceil(bx1) + 1.0
+    lo_y, hi_y = tl.floor(by0) - 1.0, tl.ceil(by1) + 1.0
     # Most tiles lie outside the box's region (a box covers a small part of the image): they only store
-    # zeros. The test is the per-pixel region test below on the tile's first and last rows and columns.
-    hit = (((ty + BLOCK_H - 1).to(tl.float32) >= tl.floor(by0) - 1.0) & (ty.to(tl.float32) < tl.ceil(by1) + 1.0)
-           & ((tx + BLOCK_W - 1).to(tl.float32) >= tl.floor(bx0) - 1.0) & (tx.to(tl.float32) < tl.ceil(bx1) + 1.0))
+    # zeros. A tile is in when its last row/column reaches lo and its first is below hi.
+    hit = (((ty + BLOCK_H - 1).to(tl.float32) >= lo_y) & (ty.to(tl.float32) < hi_y)
+           & ((tx + BLOCK_W - 1).to(tl.float32) >= lo_x) & (tx.to(tl.float32) < hi_x))
     if hit:
-        _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, offs, inside, H, W, thr, M)
+        _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, lo_x, hi_x, lo_y, hi_y, offs, inside,
+                    H, W, thr, M)
     else:
         tl.store(out_ptr + offs, tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.uint8), mask=inside)
 
 
 @triton.jit
-def _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, offs, inside, H, W, thr, M: tl.constexpr):
+def _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, lo_x, hi_x, lo_y, hi_y, offs, inside,
+                H, W, thr, M: tl.constexpr):
     yf = ys.to(tl.float32)
     xf = xs.to(tl.float32)
-    # the pasted region: floor(x0) - 1 <= x < ceil(x1) + 1, inside the image
-    row_in = (yf >= tl.floor(by0) - 1.0) & (yf < tl.ceil(by1) + 1.0) & (ys < H)
-    col_in = (xf >= tl.floor(bx0) - 1.0) & (xf < tl.ceil(bx1) + 1.0) & (xs < W)
+    row_in = (yf >= lo_y) & (yf < hi_y) & (ys < H)
+    col_in = (xf >= lo_x) & (xf < hi_x) & (xs < W)
     # IEEE divisions, as PyTorch's kernels (Triton's default fp32 division is approximate)
     gy = tl.math.div_rn((yf + 0.5) - by0, by1 - by0) * 2.0 - 1.0
     gx = tl.math.div_rn((xf + 0.5) - bx0, bx1 - bx0) * 2.0 - 1.0

@@ -127,6 +127,23 @@ def test_stale_oversized_partial_is_discarded(server, hub_env):
     assert [r.status for r in server.requests(path)] == [416, 200]
 
 
+def test_default_retries_are_fewer_for_a_server_never_reached(server, hub_env, monkeypatch):
+    # offline, the default five retries only made the user wait ~31 s for the same error; a server that answers
+    # 5xx keeps all five (hub_env leaves ZOO_RETRIES unset)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/detectron2/COCO-Detection/x/1/model_final.pkl"
+    with pytest.raises(DownloadError, match=r" after 3 attempts \(127\.0\.0\.1:\d+ refused the connection\)"):
+        fetch(dead)
+    _, path, url = serve(server, always={"status": 502})
+    with pytest.raises(DownloadError, match=r" after 6 attempts \(HTTP 502"):
+        fetch(url)
+    assert len(server.requests(path)) == 6
+    monkeypatch.setenv("ZOO_RETRIES", "4")  # an explicit count applies to every failure
+    with pytest.raises(DownloadError, match=r" after 5 attempts \(127\.0\.0\.1:\d+ refused the connection\)"):
+        fetch(dead)
+
+
 def test_500_then_200_is_retried(server, hub_env):
     data, path, url = serve(server, faults=[{"status": 500}, {"status": 503}])
     assert fetch(url).read_bytes() == data

@@ -26,6 +26,7 @@ CHUNK = 256 * 1024  # also bounds what a killed process loses
 CONNECT_TIMEOUT = 10.0
 USER_AGENT = "zoo-hub/0.1"
 _MAX_ATTEMPTS = 100  # hard stop even while every attempt makes progress
+UNREACHABLE_RETRIES = 2  # default retries when the server was never reached (ZOO_RETRIES overrides)
 
 Status = Literal["ok", "corrupt", "unpinned", "missing"]
 
@@ -335,6 +336,9 @@ def _http_attempt(session: requests.Session, src: str, partial: Path, progress: 
 
 def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirrored: bool) -> int:
     retries = int(_env_number("ZOO_RETRIES", 5, integer=True))
+    # A host that does not resolve or refuses rarely heals within seconds; without this an offline user waited
+    # 31 s of back-off for the error. An explicit ZOO_RETRIES applies to every failure.
+    unreachable_retries = retries if "ZOO_RETRIES" in os.environ else min(retries, UNREACHABLE_RETRIES)
     base_delay = _env_number("ZOO_RETRY_BASE_DELAY", 1.0)
     failures = attempts = 0
     with requests.Session() as session:
@@ -345,7 +349,7 @@ def _download_http(src: str, partial: Path, progress: _Progress, url: str, mirro
             except _Retry as e:
                 # Progress resets the backoff: a flaky link that keeps moving is not a dead one.
                 failures = 1 if e.progressed else failures + 1
-                if failures > retries or attempts >= _MAX_ATTEMPTS:
+                if failures > (unreachable_retries if e.unreachable else retries) or attempts >= _MAX_ATTEMPTS:
                     kept = partial.exists() and partial.stat().st_size > 0
                     if kept:
                         tail = ", the partial download is kept and resumes"

@@ -7,10 +7,15 @@ folder, then times one model with the fixtures' synthetic weights over all of th
   stream b1   model.predict_iter(paths)                reader threads decode and resize ahead
   stream bN   model.predict_iter(paths, batch_size=N)
   stream bN bf16
-Each variant first runs once over the first images untimed (kernel compiles, cuDNN's choices). The
-"host prep" line is decode + resize alone per image (GeneralizedRCNN.prepare), the work the threads hide.
+  stream b1 fp32 graphs  (CUDA: cuda_graphs=True, with the cache's replay / capture counts)
+--variants picks rows (loop, b1, b1+graphs, bN, bN+bf16).
+--shapes N draws the images from N sizes that pad to N different inputs, the case that tests how the CUDA graph
+cache copes with more shapes than it holds. Each variant first runs untimed over the first images (with --shapes,
+one of each size): kernel compiles, cuDNN's choices; the graphs it captured are then dropped, so the timed pass
+pays for its own captures. The "host prep" line is decode + resize alone per image (GeneralizedRCNN.prepare), the work the threads hide.
 
     python scripts/bench_stream.py [--model mask_rcnn_R_50_FPN_3x] [--device auto] [--count 64] [--batch 8]
+        [--shapes N] [--variants b1,b1+graphs]
 """
 from __future__ import annotations
 
@@ -28,20 +33,53 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def write_jpegs(folder: str, count: int) -> list[str]:
+def coco_sizes() -> list[tuple[int, int]]:
+    """COCO's two most common image sizes, (w, h)."""
+    return [(640, 480), (480, 640)]
+
+
+def many_sizes(count: int, model) -> list[tuple[int, int]]:
+    """`count` image sizes (w, h) that pad to `count` different network inputs for `model`: landscape and
+    portrait, long side 480-1000 px at short side 480 (aspect ratios 1-2.1, as in COCO)."""
+    from zoo.modeling.transforms import resized_size
+
+    def padded(w: int, h: int) -> tuple[int, int]:
+        nh, nw = resized_size(h, w, model.min_size_test, model.max_size_test)
+        d = max(model.size_divisibility, 1)
+        return -(-nh // d) * d, -(-nw // d) * d
+
+    sizes, inputs = [], set()
+    for long in range(480, 1001, 4):
+        for w, h in ((long, 480), (480, long)):
+            if padded(w, h) not in inputs and len(sizes) < count:
+                inputs.add(padded(w, h))
+                sizes.append((w, h))
+    if len(sizes) < count:
+        raise SystemExit(f"--shapes {count}: at most {len(sizes)} input shapes at short side {model.min_size_test}")
+    return sizes
+
+
+def write_jpegs(folder: str, count: int, sizes: list[tuple[int, int]],
+                seed: int = 0) -> tuple[list[str], list[str]]:
+    """`count` JPEGs of the fixture photo; image i takes sizes[i % 2] for COCO's pair, else a size drawn
+    uniformly (seeded), the case where no few shapes dominate. Also returns the first image of each size."""
+    import random
+
     from PIL import Image
 
     photo = Image.open(os.path.join(ROOT, "tests", "fixtures", "images", "grace_hopper.png")).convert("RGB")
-    paths = []
+    rng = random.Random(seed)
+    paths, first = [], {}
     for i in range(count):
-        size = (640, 480) if i % 2 == 0 else (480, 640)  # (w, h), COCO's two most common
+        size = sizes[i % 2] if len(sizes) == 2 else rng.choice(sizes)
         im = photo.resize(size, Image.BILINEAR)
         if i % 4 >= 2:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         path = os.path.join(folder, f"{i:05d}.jpg")
         im.save(path, quality=90)
         paths.append(path)
-    return paths
+        first.setdefault(size, path)
+    return paths, list(first.values())
 
 
 def timed(fn, device: torch.device) -> float:
@@ -61,6 +99,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--count", type=int, default=64, help="JPEG files to run through")
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batched rows")
     ap.add_argument("--min-size", type=int, help="test-time short side (default: the manifest's 800)")
+    ap.add_argument("--shapes", type=int,
+                    help="draw the images from this many sizes that pad to different inputs (default: COCO's "
+                         "640x480 and 480x640 in turn); CUDA graphs then show how they cope with many shapes")
+    ap.add_argument("--variants", help="comma-separated rows to run, of loop, b1, b1+graphs (CUDA), bN, bN+bf16 "
+                                       "(default: all that the device runs); the last column compares with the first")
     ap.add_argument("--quick", action="store_true",
                     help="4 images, batch 2, 2 warm-up images, short side 320 (a CPU smoke run)")
     args = ap.parse_args(argv)
@@ -88,23 +131,42 @@ def main(argv: Optional[list[str]] = None) -> int:
         for _ in model.predict_iter(paths, batch_size=batch):
             pass
 
-    variants = [("loop", "fp32", loop), ("stream b1", "fp32", lambda p: stream(p, 1)),
-                (f"stream b{b}", "fp32", lambda p: stream(p, b)), (f"stream b{b}", "bf16", lambda p: stream(p, b))]
+    # name: (label, precision, CUDA graphs, run)
+    table = {"loop": ("loop", "fp32", False, loop), "b1": ("stream b1", "fp32", False, lambda p: stream(p, 1)),
+             "b1+graphs": ("stream b1", "fp32", True, lambda p: stream(p, 1)),
+             "bN": (f"stream b{b}", "fp32", False, lambda p: stream(p, b)),
+             "bN+bf16": (f"stream b{b}", "bf16", False, lambda p: stream(p, b))}
+    names = args.variants.split(",") if args.variants else [
+        v for v in table if device.type == "cuda" or v != "b1+graphs"]
+    unknown = [v for v in names if v not in table]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    if device.type != "cuda" and "b1+graphs" in names:
+        raise SystemExit("b1+graphs needs --device cuda (CUDA graphs)")
+    variants = [table[v] for v in names]
+    sizes = many_sizes(args.shapes, model) if args.shapes else coco_sizes()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        paths = write_jpegs(folder, n)
+        paths, one_each = write_jpegs(folder, n, sizes)
+        warm_paths = one_each if args.shapes else paths[:warm]
         prep = timed(lambda: [model.prepare(p) for p in paths], torch.device("cpu")) / n
         base = None
-        for label, precision, fn in variants:
-            model.precision = precision
-            fn(paths[:warm])
+        for label, precision, graphs, fn in variants:
+            model.precision, model.cuda_graphs = precision, graphs
+            fn(warm_paths)
+            model.clear_cuda_graphs()  # the timed pass pays for its own captures
             s = timed(lambda: fn(paths), device)
             base = base or s
-            rows.append(f"| {label} | {precision} | {n / s:.2f} | {1000 * s / n:.1f} | {base / s:.2f} |")
+            used = " ".join(f"{k} {v}" for k, v in model.cuda_graph_stats().items()) if graphs else ""
+            rows.append(f"| {label} | {precision}{' graphs' if graphs else ''} | {n / s:.2f} | {1000 * s / n:.1f} "
+                        f"| {base / s:.2f} | {used} |")
             print(rows[-1], flush=True)
-    print(f"\n{args.model} on {where}, torch {torch.__version__}; {n} JPEGs (640x480 / 480x640), short side "
+        model.cuda_graphs = False
+    what = (f"drawn from {len(sizes)} sizes that pad to {len(sizes)} input shapes" if args.shapes
+            else "640x480 / 480x640")
+    print(f"\n{args.model} on {where}, torch {torch.__version__}; {n} JPEGs ({what}), short side "
           f"{model.min_size_test}; synthetic weights\n")
-    print("| variant | precision | images/s | ms/image | vs loop |\n|---|---|---|---|---|")
+    print(f"| variant | precision | images/s | ms/image | vs {names[0]} | graphs |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\nhost prep (decode + resize, one thread): {1000 * prep:.1f} ms/image")
     return 0

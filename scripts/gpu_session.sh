@@ -2,10 +2,10 @@
 # One GPU session on an H100/H200 (device tool): CUDA tests, parity on CUDA, kernel and end-to-end benchmarks.
 # Run from the repo root with .whl carried (scripts/fetch_gpu_wheels.sh makes it):
 #   bash scripts/gpu_session.sh [Q|R|A|B|all]  # logs and tables land in $OUT (or ./gpu_out)
-# Every step has its own timeout (phase Q: 460 s in all, R: 215 s, A: 290 s, B: 465 s); a failing step does not
+# Every step has its own timeout (phase Q: 460 s in all, R: 220 s, A: 290 s, B: 465 s); a failing step does not
 # stop the next one. Step exit codes are summarised at the end (and in $OUT/summary.log).
 # A lease is 15 minutes of device time, the machine's start (1-2 min) included: call Q once (timeout_s ~520),
-# then, while the machine is warm and if 4+ minutes are left, R (timeout_s ~250); then give_back.
+# then, while the machine is warm and if 4+ minutes are left, R (timeout_s ~255); then give_back.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -41,7 +41,8 @@ $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
 # runs out of time only loses what comes after it. One log per step (some share extras.log) plus summary.log: at
 # most 8 files, the most the device tool brings back.
 # Q: what decides the defaults and fills the README's tables, in one call (about 460 s of steps); R: the rest of B
-# that Q leaves out (fused parity without TF32, model CUDA tests, profiles) and a memory breakdown, about 215 s.
+# that Q leaves out (fused parity without TF32, model CUDA tests, profiles), a memory breakdown and CUDA graphs on a
+# stream of many shapes, about 220 s.
 # Steps that phases share, each taking its step timeout (pytest's own per-test timeout is 10 s less)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 OTHERS=faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
@@ -77,12 +78,16 @@ tf32_parity() {
 # where the time goes: mask R50-FPN, and the two baselines furthest from 3x Detectron2 (C4, DC5)
 profile() { LOG=extras step "profile_$2" "$1" $PY scripts/profile_e2e.py --iters 5 --variant "${3:-fp32+fused}" \
   --model "$2" --rows 20; }
-# C4 and DC5 at batch 1 and bf16 at batch 8 (75 s)
+# C4 and DC5 at batch 1 (50 s)
 profiles() {
   profile 25 mask_rcnn_R_50_C4_1x
   profile 25 faster_rcnn_R_50_DC5_1x tf32+fused
-  LOG=extras step profile_b8 25 $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused --rows 20
 }
+profile_b8() { LOG=extras step profile_b8 "$1" $PY scripts/profile_e2e.py --iters 3 --batch 8 --variant bf16+fused \
+  --rows 20; }
+# CUDA graphs on a stream of 36 padded shapes (more than the 8 graphs held), against the same stream run eagerly
+stream_shapes() { LOG=extras step stream_shapes "$1" $PY scripts/bench_stream.py --device cuda --shapes 36 \
+  --count 300 --variants b1,b1+graphs; }
 
 phase=${1:-all}
 case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac
@@ -103,6 +108,7 @@ if [ "$phase" = R ]; then
   profiles
   # graphs held 712-787 MiB at batch 1 on the H100 where eager held 575 (Detectron2: 673 MB): what holds it
   LOG=extras step memory_graphs 30 $PY scripts/memory_e2e.py --variant fp32+graphs+fused
+  stream_shapes 30
   cat "$summary"
   exit 0
 fi
@@ -119,5 +125,6 @@ if [ "$phase" != A ]; then  # B: 465 s of steps
   static_tests 50
   model_tests 30
   profiles
+  profile_b8 25
 fi
 cat "$summary"

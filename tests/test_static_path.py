@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -160,10 +162,14 @@ def test_graph_cache_captures_a_signature_on_its_second_use(mask_fpn, monkeypatc
         assert captures == [shape[id(a)], shape[id(b)]] and len(replays) == 3
         for got in runs[:3]:
             assert torch.equal(got.boxes, want.boxes) and torch.equal(got.counts, want.counts)
-        cache.run(mask_fpn, c)  # c's second use: captured; the least recently used graph (a) goes
-        assert len(cache) == 2 and captures[-1] == shape[id(c)]
-        cache.run(mask_fpn, a)  # a's graph is gone and its count was dropped at its capture: eager again
-        assert len(captures) == 3 and len(replays) == 4
+        cache.run(mask_fpn, c)  # c's second use, the cache full: c has not been used more than b (2 uses)
+        assert len(cache) == 2 and len(captures) == 2
+        assert cache.stats == {"replays": 3, "eager": 4, "captures": 2, "evictions": 0}
+        for _ in range(3):  # c: 3, 4, 5 uses; b held with 2, so c's 5th use displaces b
+            cache.run(mask_fpn, c)
+        assert captures[-1] == shape[id(c)] and len(captures) == 3 and cache.stats["evictions"] == 1
+        cache.run(mask_fpn, b)  # b's graph is gone and its count went with its capture: eager again
+        assert len(captures) == 3 and cache.stats["eager"] == 7 and len(replays) == 4
 
         captures.clear()
         forgetful = GraphCache(mask_fpn, max_seen=2)  # counts for the 2 latest signatures only
@@ -172,6 +178,76 @@ def test_graph_cache_captures_a_signature_on_its_second_use(mask_fpn, monkeypatc
         assert captures == []
         forgetful.run(mask_fpn, a)
         assert captures == [shape[id(a)]]
+
+
+class _ShapeStream:
+    """Stand-in model and capture for GraphCache's bookkeeping alone: a batch is its shape's name, a run is
+    "eager" or "graph", no network."""
+
+    def parameters(self):
+        return iter(())
+
+    buffers = parameters
+
+    def size_table(self, batch):
+        return torch.zeros(1)
+
+    def run_static(self, images, sizes):
+        return None, None, None
+
+    def compact_static(self, raw, sizes):
+        return "eager"
+
+
+def _stream_cache(**kw):
+    from zoo.modeling.graphs import GraphCache
+
+    class Cache(GraphCache):
+        def _key(self, model, batch):
+            return batch.shape_name, getattr(batch, "versions", ())
+
+        def _capture(self, model, images, sizes):
+            return SimpleNamespace(replay=lambda: None), torch.zeros(1), torch.zeros(1), "graph"
+
+    return Cache(_ShapeStream(), **kw)
+
+
+def _play(cache, names, versions=()):
+    model = _ShapeStream()
+    return [cache.run(model, SimpleNamespace(shape_name=n, tensor=torch.zeros(1), versions=versions))
+            for n in names]
+
+
+def test_graph_cache_does_not_thrash_on_more_shapes_than_slots():
+    # COCO-like input pads to dozens of shapes; plain LRU with capture on the second use recaptured (about
+    # three forward passes each) on ~40% of the calls of a uniform 36-shape stream
+    rng = random.Random(0)
+    uniform = _stream_cache()
+    _play(uniform, [rng.randrange(36) for _ in range(2000)])
+    st = uniform.stats
+    assert st["captures"] <= 0.05 * 2000 and st["replays"] >= 0.15 * 2000, st
+
+    # a few shapes carry most images: those keep their graphs, the rare ones run eagerly
+    skewed = _stream_cache()
+    names = [rng.randrange(6) if rng.random() < 0.7 else 6 + rng.randrange(34) for _ in range(2000)]
+    _play(skewed, names)
+    assert set(range(6)) <= {name for name, _ in skewed._graphs}, list(skewed._graphs)
+    assert skewed.stats["replays"] >= 0.65 * 2000 and skewed.stats["captures"] <= 0.03 * 2000, skewed.stats
+
+    # the mix changes: counts halve as they age, so the new shapes take over the slots
+    shifting = _stream_cache()
+    _play(shifting, [rng.randrange(8) for _ in range(1000)] + [100 + rng.randrange(8) for _ in range(1000)])
+    assert {name for name, _ in shifting._graphs} == set(range(100, 108))
+
+    # no more shapes than slots: each captured once, on its second use, and never dropped
+    few = _stream_cache()
+    out = _play(few, [0, 1, 0, 2, 1, 0] + [rng.randrange(8) for _ in range(500)])
+    assert out[:6] == ["eager", "eager", "graph", "eager", "graph", "graph"]
+    assert few.stats["captures"] == 8 and few.stats["evictions"] == 0 and few.stats["eager"] == 8
+
+    # weights changed in place (their versions are in every key): the held graphs can never match again, so they
+    # go at once instead of holding their slots until their counts decay
+    assert _play(few, [0, 0], versions=(1,)) == ["eager", "graph"] and len(few) == 1
 
 
 def test_copies_start_without_graphs(mask_fpn):

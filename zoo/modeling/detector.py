@@ -141,7 +141,8 @@ class GeneralizedRCNN(nn.Module):
         # sync costs nothing and the dynamic path skips the padding work
         self.static_shapes: Optional[bool] = None
         # on CUDA with the fixed-shape path: replay the network from CUDA graphs captured per padded batch
-        # shape and precision (zoo.modeling.graphs); off by default until timed on a GPU
+        # shape and precision (zoo.modeling.graphs); off by default: its gain on streams of many shapes is
+        # not yet measured on a GPU
         self.cuda_graphs = False
         self._graph_cache = None
         # True: FrozenBN folded into cached conv weights and NHWC (channels_last) tensors, which oneDNN and
@@ -175,6 +176,16 @@ class GeneralizedRCNN(nn.Module):
     def clear_cuda_graphs(self) -> None:
         """Drop the captured CUDA graphs and their memory pool (shapes are captured again on later use)."""
         self._graph_cache = None
+
+    def cuda_graph_stats(self) -> dict[str, int]:
+        """How the CUDA graphs have served since they were last cleared: "graphs" held now, and batches
+        "replays" (from a graph), "eager" (no graph yet, not worth one, or its capture failed), "captures",
+        "evictions" (a graph dropped for a signature used more often)."""
+        from .graphs import STAT_NAMES
+
+        cache = self._graph_cache
+        return {"graphs": len(cache) if cache is not None else 0,
+                **(cache.stats if cache is not None else dict.fromkeys(STAT_NAMES, 0))}
 
     def __getstate__(self):  # copies and pickles start without graphs (they belong to this model's tensors)
         state = super().__getstate__().copy()

@@ -3,9 +3,10 @@
 A graph replays the whole network (run_static + compact_static) as one launch, so the host no
 longer issues hundreds of kernels per image. The padded batch shape, the precision and the test-time
 settings (thresholds, top-k) are baked into a capture, so graphs are keyed by them and kept in a small
-LRU cache; the image sizes travel as a device tensor (GeneralizedRCNN.size_table), so every image that
+cache; the image sizes travel as a device tensor (GeneralizedRCNN.size_table), so every image that
 pads to one shape shares a graph. A shape is captured the second time it is seen (a capture costs
-about three forward passes, which inputs of a one-off shape would never earn back; those run eagerly).
+about three forward passes, which inputs of a one-off shape would never earn back; those run eagerly),
+and once the cache is full only a shape used more often than a held one displaces it.
 All graphs share one memory pool. That is safe because replays never overlap and callers copy a replay's
 outputs (GeneralizedRCNN.detect clones them) before the next replay may reuse the pool.
 """
@@ -22,22 +23,48 @@ import torch
 from .roi_heads import InstanceBatch
 
 
+# per-batch counts a cache keeps: replayed from a graph, run eagerly (not yet or not worth a graph, or its
+# capture failed), graphs captured, graphs dropped for a more used signature
+STAT_NAMES = ("replays", "eager", "captures", "evictions")
+
+
+class _Held:
+    """A captured graph, its input and output buffers, and how often its signature has been used (decayed)."""
+    __slots__ = ("graph", "images", "sizes", "out", "uses")
+
+    def __init__(self, entry: tuple, uses: int) -> None:
+        self.graph, self.images, self.sizes, self.out = entry
+        self.uses = uses
+
+
 class GraphCache:
     """Captured graphs of `model.compact_static(model.run_static(...))`, keyed by input signature.
 
     One per model (GeneralizedRCNN drops it when moved or cast). Weights loaded or edited in place
     after a capture are noticed through the tensors' versions; replacing a parameter object is not.
+
+    Which signatures hold a graph: each is counted per use (eagerly run ones too), and every
+    `halve_every` runs all counts are halved, so they follow the recent mix. A signature is captured on
+    its `capture_after`-th use while fewer than `max_graphs` are held; once full, only if its count
+    beats the least-used graph's by more than `margin`, which is then dropped. With plain LRU, a stream
+    that cycles through more shapes than there are slots (COCO's aspect ratios pad to dozens) recaptured
+    on most calls, each capture costing about three forward passes.
     """
 
-    def __init__(self, model, max_graphs: int = 8, capture_after: int = 2, max_seen: int = 256) -> None:
+    def __init__(self, model, max_graphs: int = 8, capture_after: int = 2, max_seen: int = 256,
+                 halve_every: int = 128, margin: int = 2) -> None:
         self.max_graphs = max_graphs
-        self.capture_after = capture_after  # capture on this use of a signature (earlier ones run eagerly)
+        self.capture_after = capture_after
         self.max_seen = max_seen
-        self._seen: OrderedDict[tuple, int] = OrderedDict()
+        self.halve_every = halve_every
+        self.margin = margin
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
+        self._runs = 0
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # uses of signatures without a graph
         self._tensors = list(model.parameters()) + list(model.buffers())
-        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, InstanceBatch]] = \
-            OrderedDict()
+        self._graphs: OrderedDict[tuple, _Held] = OrderedDict()  # least recently used first
         self._failed: set[tuple] = set()
+        self._versions: Optional[tuple] = None  # the weights' versions in the keys held
         self._pool: Optional[Any] = None
 
     def __len__(self) -> int:
@@ -45,48 +72,74 @@ class GraphCache:
 
     def _key(self, model, batch) -> tuple:
         t = batch.tensor
-        # tensor versions: weights changed in place after a capture must not replay stale folded copies
+        # tensor versions, last (run() reads them there): weights changed in place after a capture must not
+        # replay stale folded copies
         weights = tuple(v._version for v in self._tensors)
         return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""),
                 model.graph_settings(), weights)
 
     def run(self, model, batch) -> InstanceBatch:
-        """Compacted fixed-shape detections for `batch`, replayed from a graph (captured on the
-        `capture_after`-th use of its signature; until then run eagerly).
+        """Compacted fixed-shape detections for `batch`, replayed from its signature's graph if one is held
+        or now earns one (see the class docstring); otherwise run eagerly.
 
         The returned tensors belong to the graph: copy what you keep before the next call.
         Falls back to running eagerly (with one warning) where a capture fails.
         """
         key = self._key(model, batch)
+        if key[-1] != self._versions:  # weights changed in place: no held graph can match again
+            self._graphs.clear()
+            self._seen.clear()
+            self._failed.clear()
+            self._versions = key[-1]
         sizes = model.size_table(batch)
-        entry = self._graphs.get(key)
-        if entry is None and key not in self._failed and self._capture_due(key):
-            entry = self._capture(model, batch.tensor, sizes)
-            if entry is None:
-                self._failed.add(key)
-            else:
-                self._graphs[key] = entry
-                while len(self._graphs) > self.max_graphs:
-                    self._graphs.popitem(last=False)
-        if entry is None:
+        self._age()
+        held = self._graphs.get(key)
+        if held is not None:
+            held.uses += 1
+        elif key not in self._failed:
+            held = self._admit(key, model, batch.tensor, sizes)
+        if held is None:
+            self.stats["eager"] += 1
             return _compacted(model, batch.tensor, sizes)
+        self.stats["replays"] += 1
         self._graphs.move_to_end(key)
-        graph, static_in, static_sizes, out = entry
-        static_in.copy_(batch.tensor)
-        static_sizes.copy_(sizes)
-        graph.replay()
-        return out
+        held.images.copy_(batch.tensor)
+        held.sizes.copy_(sizes)
+        held.graph.replay()
+        return held.out
 
-    def _capture_due(self, key: tuple) -> bool:
-        """Count one more use of a signature without a graph; True on its `capture_after`-th use (then it is
-        captured or marked failed, so its count is dropped). Counts are kept for the `max_seen` latest."""
+    def _age(self) -> None:
+        self._runs += 1
+        if self._runs % self.halve_every == 0:
+            for held in self._graphs.values():
+                held.uses //= 2
+            for key in list(self._seen):
+                self._seen[key] //= 2
+                if not self._seen[key]:
+                    del self._seen[key]
+
+    def _admit(self, key: tuple, model, images: torch.Tensor, sizes: torch.Tensor) -> Optional[_Held]:
+        """Count one use of a signature without a graph; capture it if it has earned a slot (the held graph
+        it displaces is dropped). None: run it eagerly."""
         n = self._seen.pop(key, 0) + 1
-        if n >= self.capture_after:
-            return True
-        self._seen[key] = n
-        while len(self._seen) > self.max_seen:
-            self._seen.popitem(last=False)
-        return False
+        victim = None
+        if len(self._graphs) >= self.max_graphs:
+            victim = min(self._graphs, key=lambda k: self._graphs[k].uses)  # ties: the least recently used
+        if n < self.capture_after or (victim is not None and n <= self._graphs[victim].uses + self.margin):
+            self._seen[key] = n
+            while len(self._seen) > self.max_seen:
+                self._seen.popitem(last=False)
+            return None
+        entry = self._capture(model, images, sizes)
+        if entry is None:
+            self._failed.add(key)
+            return None
+        if victim is not None:
+            del self._graphs[victim]
+            self.stats["evictions"] += 1
+        self.stats["captures"] += 1
+        held = self._graphs[key] = _Held(entry, uses=n)  # its count so far, or a newcomer would displace it
+        return held
 
     def _capture(self, model, images: torch.Tensor, sizes: torch.Tensor):
         """(graph, input buffer, sizes buffer, outputs) of a new capture, or None (with a warning) if it fails."""

@@ -12,7 +12,8 @@ folder, then times one model with the fixtures' synthetic weights over all of th
 --shapes N draws the images from N sizes that pad to N different inputs, the case that tests how the CUDA graph
 cache copes with more shapes than it holds. Each variant first runs untimed over the first images (with --shapes,
 one of each size): kernel compiles, cuDNN's choices; the graphs it captured are then dropped, so the timed pass
-pays for its own captures. The "host prep" line is decode + resize alone per image (GeneralizedRCNN.prepare), the work the threads hide.
+pays for its own captures. The "host prep" line is decode + resize alone per image (GeneralizedRCNN.prepare),
+the work the threads hide.
 
     python scripts/bench_stream.py [--model mask_rcnn_R_50_FPN_3x] [--device auto] [--count 64] [--batch 8]
         [--shapes N] [--variants b1,b1+graphs]

@@ -153,3 +153,19 @@ def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
                          "slower than fp32 on it; choose fp32 here",
                          f"zoo: error: annotation file {str(tmp_path / 'missing.json')!r} does not exist; pass a COCO "
                          "instances JSON file"], r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--batch", "0"], "--batch and --iters must be at least 1"),
+    (["bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--min-size", "0"], "--min-size 0 is not allowed"),
+    (["bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--image", "README.md"], "cannot read 'README.md'"),
+    (["predict", "faster_rcnn_R_50_FPN_1x", "no-such.jpg"], "image 'no-such.jpg' does not exist"),
+    (["predict", "faster_rcnn_R_50_FPN_1x", "README.md", "--batch", "0"], "--batch must be at least 1"),
+])
+def test_option_errors_come_before_torch_loads(args, message):
+    # importing torch takes 3-4 s on these machines: a mistyped option is reported without it
+    code = "import sys; sys.modules['torch'] = None; from zoo.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith(f"zoo: error: {message}"), r.stderr

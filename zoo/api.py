@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Optional, Union
 
 from .errors import InputError
 from .registry import get_manifest
 
+if TYPE_CHECKING:  # torch loads where it is used: the CLI's option checks run without it
+    import torch
+
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """Turn 'auto' / 'cpu' / 'cuda[:N]' into a usable torch.device, or explain why not."""
+    import torch
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -112,10 +112,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .hub.download import _is_quiet
-    from .modeling.transforms import to_rgb_array
     from .registry import get_manifest
     from .viz import draw
 
+    # the option checks come before anything imports torch (seconds): a typo fails at once
     if not 0.0 <= args.score_thresh <= 1.0:
         raise InputError(f"--score-thresh must be between 0 and 1, got {args.score_thresh}")
     check_batch(args)
@@ -142,6 +142,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):  # not empty after all: keep it
                 out_dir.rmdir()
         raise
+
+    from .modeling.transforms import to_rgb_array
 
     records: list[dict] = []
     names = _output_names(paths)
@@ -246,19 +248,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import statistics
     import time
 
-    import torch
-
-    from .modeling.detector import check_precision
-    from .modeling.transforms import resized_size, to_rgb_array
     from .registry import get_manifest
 
+    # the option checks that need no torch come first (importing it takes seconds)
     manifest = get_manifest(args.name)
     if args.batch < 1 or (args.iters is not None and args.iters < 1) or (args.warmup or 0) < 0:
         raise InputError("--batch and --iters must be at least 1 and --warmup at least 0")
     check_sizes_for(args, manifest)
     image_path = Path(args.image).expanduser() if args.image else BENCH_IMAGE
-    rgb = to_rgb_array(image_path)
+    if args.image:
+        collect_images([args.image])  # reads the header only
+    import torch
+
     from .api import resolve_device
+    from .modeling.detector import check_precision
+    from .modeling.transforms import resized_size, to_rgb_array
+
+    rgb = to_rgb_array(image_path)
 
     on_gpu = resolve_device(args.device).type == "cuda"
     # --amp: the model's own reduced precision (autocast on the network; decoding, NMS, pasting stay fp32)

@@ -63,13 +63,30 @@ def test_path_and_array_inputs(tmp_path):
     assert np.array_equal(to_rgb_array(gray), np.repeat(gray[:, :, None], 3, axis=2))
 
 
+def test_tensor_inputs_as_torchvision_reads_images():
+    arr = np.random.default_rng(2).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    chw = torch.from_numpy(arr).permute(2, 0, 1)  # torchvision.io.read_image's layout
+    assert np.array_equal(to_rgb_array(chw), arr)
+    assert np.array_equal(to_rgb_array(chw.contiguous()), arr)
+    assert np.array_equal(to_rgb_array(torch.from_numpy(arr)), arr)  # HxWx3 as well
+    rgba = torch.cat([chw, torch.full((1, 6, 9), 7, dtype=torch.uint8)])  # alpha dropped, as PIL's RGB does
+    assert np.array_equal(to_rgb_array(rgba), arr)
+    grey = chw[:1]
+    want = np.repeat(arr[:, :, :1], 3, axis=2)
+    assert np.array_equal(to_rgb_array(grey), want) and np.array_equal(to_rgb_array(grey[0]), want)
+
+
 @pytest.mark.parametrize("bad,match", [
     (np.zeros((4, 4, 3), dtype=np.float32), "dtype float32"),
     (np.zeros((4, 4, 4), dtype=np.uint8), "HxWx3"),
     (np.zeros((4,), dtype=np.uint8), "HxWx3"),
     (np.zeros((0, 4, 3), dtype=np.uint8), "at least 1"),
     (12, "unsupported image type int"),
-    (torch.zeros(3, 4, 4), "unsupported image type Tensor"),
+    (torch.zeros(3, 4, 4), "image tensor has dtype torch.float32; pass uint8"),
+    (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), r"shape \(2, 3, 4, 4\); pass one image as 3xHxW"),
+    (torch.zeros(5, 4, 2, dtype=torch.uint8), r"shape \(5, 4, 2\)"),
+    (torch.zeros(3, 0, 4, dtype=torch.uint8), "at least 1"),
+    ([1, 2], "unsupported image type list"),
     ("/nonexistent/image.png", "does not exist"),
 ])
 def test_bad_inputs_raise_one_line_input_error(bad, match):

@@ -185,12 +185,17 @@ def test_predict_iter_checks_its_arguments_at_the_call(model, kwargs, needle):
         model.predict_iter(_images(), **kwargs)
 
 
-def test_predict_iter_copes_with_a_caller_that_reuses_one_array(model):
+@pytest.mark.parametrize("kind", ["array", "tensor"])
+def test_predict_iter_copes_with_a_caller_that_reuses_one_buffer(model, kind):
     # a video reader may fill one buffer again and again; images are taken ahead of the network, so each must
     # be read before the buffer changes
     g = _images()[0]
     frames = [g, g[:, ::-1], g[::-1]]  # one shape, three pictures
     buffer = np.empty_like(g)
+    if kind == "tensor":  # uint8 3xHxW, as torchvision reads images
+        frames = [torch.from_numpy(np.array(f)).permute(2, 0, 1).contiguous() for f in frames]
+        buffer = torch.empty_like(frames[0])
+        _same(model.predict(g), model.predict(frames[0]))
 
     def reader():
         for f in frames:

@@ -68,7 +68,7 @@ def _paint_masks(canvas: np.ndarray, masks: np.ndarray, colors: list[tuple[int, 
 
 
 def draw(image: Any, detections: "Detections", score_thresh: float = 0.5) -> Image.Image:
-    """Render `detections` on `image` (path, PIL.Image or HxWx3 uint8 RGB array) as a new RGB PIL image."""
+    """Render `detections` on `image` (anything `predict` takes) as a new RGB PIL image."""
     from .modeling.transforms import to_rgb_array
 
     rgb = to_rgb_array(image)

@@ -206,8 +206,9 @@ class GeneralizedRCNN(nn.Module):
 
     # ------------------------------------------------------------------ preprocessing
     def prepare(self, image: Any) -> PreparedImage:
-        """The host-side part of preprocessing for one image (path, PIL image or HxWx3 uint8 RGB array): decode,
-        resize, channel order. Safe to run on other threads (predict_iter's readers do)."""
+        """The host-side part of preprocessing for one image (path, PIL image, HxWx3 uint8 RGB array or uint8
+        image tensor, 3xHxW or HxWx3): decode, resize, channel order. Safe to run on other threads (predict_iter's
+        readers do)."""
         rgb = to_rgb_array(image)
         h, w = rgb.shape[:2]
         new = resized_size(h, w, self.min_size_test, self.max_size_test)
@@ -230,7 +231,7 @@ class GeneralizedRCNN(nn.Module):
         return ImageBatch(batch, [p.size for p in prepared], [p.original_size for p in prepared])
 
     def preprocess(self, images: Sequence[Any]) -> ImageBatch:
-        """Images (paths, PIL images, HxWx3 uint8 RGB arrays) -> normalised, padded batch on the model's device."""
+        """Images (as `prepare` takes them) -> normalised, padded batch on the model's device."""
         return self.collate([self.prepare(im) for im in images])
 
     # ------------------------------------------------------------------ network
@@ -455,7 +456,8 @@ class GeneralizedRCNN(nn.Module):
                 return e
 
         if workers and copy_arrays:  # a reader thread reads an array later: copy it now, the caller may reuse it
-            images = (np.array(im) if isinstance(im, np.ndarray) else im for im in images)
+            images = (np.array(im) if isinstance(im, np.ndarray)
+                      else im.detach().to("cpu", copy=True) if isinstance(im, torch.Tensor) else im for im in images)
         reads = read_ahead(images, prepare if yield_errors else self.prepare, workers, depth=max(window, workers))
         failed = (lambda p: isinstance(p, InputError)) if yield_errors else None
         try:

@@ -29,8 +29,29 @@ def _pil_rgb(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB")))
 
 
+def _tensor_rgb(t: torch.Tensor) -> np.ndarray:
+    """A uint8 image tensor (torchvision's CxHxW with C = 1, 3 or 4 (alpha dropped, as PIL's RGB conversion
+    does), HxWx3, or HxW greyscale; any device) -> HxWx3 uint8 RGB array. A first dimension of 1, 3 or 4 means
+    CxHxW."""
+    if t.dtype != torch.uint8:
+        raise InputError(f"image tensor has dtype {t.dtype}; pass uint8 RGB values in 0..255 "
+                         "(e.g. (t * 255).round().to(torch.uint8) for a 0..1 float image)")
+    t = t.detach().cpu()
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+        t = t[:3].permute(1, 2, 0)
+    elif t.ndim == 2:
+        t = t[:, :, None]
+    if t.ndim != 3 or t.shape[2] not in (1, 3):
+        raise InputError(f"image tensor has shape {tuple(t.shape)}; pass one image as 3xHxW (torchvision's layout) "
+                         "or HxWx3, and a batch as a list of them")
+    if t.shape[0] < 1 or t.shape[1] < 1:
+        raise InputError(f"image tensor has shape {tuple(t.shape)}; height and width must be at least 1")
+    return np.ascontiguousarray(t.expand(-1, -1, 3).numpy())
+
+
 def to_rgb_array(image: Any) -> np.ndarray:
-    """A path, PIL image (any mode) or HxWx3 uint8 RGB array -> contiguous HxWx3 uint8 RGB array."""
+    """A path, PIL image (any mode), HxWx3 uint8 RGB array or uint8 image tensor (3xHxW as torchvision reads
+    images, or HxWx3) -> contiguous HxWx3 uint8 RGB array."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if path.is_dir():
@@ -64,8 +85,10 @@ def to_rgb_array(image: Any) -> np.ndarray:
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise InputError(f"image array has shape {tuple(image.shape)}; height and width must be at least 1")
         return np.ascontiguousarray(image)
-    raise InputError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL.Image "
-                     "or an HxWx3 uint8 RGB numpy array")
+    if isinstance(image, torch.Tensor):
+        return _tensor_rgb(image)
+    raise InputError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL.Image, an HxWx3 "
+                     "uint8 RGB numpy array or a 3xHxW uint8 tensor")
 
 
 def resized_size(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:

@@ -87,7 +87,7 @@ profile_b8() { LOG=extras step profile_b8 "$1" $PY scripts/profile_e2e.py --iter
   --rows 20; }
 # CUDA graphs on a stream of 36 padded shapes (more than the 8 graphs held), against the same stream run eagerly
 stream_shapes() { LOG=extras step stream_shapes "$1" $PY scripts/bench_stream.py --device cuda --shapes 36 \
-  --count 300 --variants b1,b1+graphs; }
+  --count 240 --variants b1,b1+graphs; }
 
 phase=${1:-all}
 case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac

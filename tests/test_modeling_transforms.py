@@ -61,6 +61,7 @@ def test_path_and_array_inputs(tmp_path):
     assert np.array_equal(to_rgb_array(arr[:, ::-1]), arr[:, ::-1])  # non-contiguous views are fine
     gray = arr[:, :, 0]
     assert np.array_equal(to_rgb_array(gray), np.repeat(gray[:, :, None], 3, axis=2))
+    assert np.array_equal(to_rgb_array(gray[:, :, None]), np.repeat(gray[:, :, None], 3, axis=2))  # as tensors
 
 
 def test_tensor_inputs_as_torchvision_reads_images():

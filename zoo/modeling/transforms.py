@@ -79,7 +79,9 @@ def to_rgb_array(image: Any) -> np.ndarray:
             raise InputError(f"image array has dtype {image.dtype}; pass uint8 RGB values in 0..255 "
                              "(e.g. arr.astype(numpy.uint8))")
         if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
+            image = image[:, :, None]
+        if image.ndim == 3 and image.shape[2] == 1:  # greyscale
+            image = np.repeat(image, 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"image array has shape {tuple(image.shape)}; pass an HxWx3 RGB array")
         if image.shape[0] < 1 or image.shape[1] < 1:

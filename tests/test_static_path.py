@@ -170,6 +170,13 @@ def test_graph_cache_captures_a_signature_on_its_second_use(mask_fpn, monkeypatc
         assert captures[-1] == shape[id(c)] and len(captures) == 3 and cache.stats["evictions"] == 1
         cache.run(mask_fpn, b)  # b's graph is gone and its count went with its capture: eager again
         assert len(captures) == 3 and cache.stats["eager"] == 7 and len(replays) == 4
+        assert mask_fpn.cuda_graph_stats() == dict.fromkeys(["graphs", "replays", "eager", "captures", "evictions"], 0)
+        mask_fpn._graph_cache = cache  # as detect() keeps it
+        try:
+            assert mask_fpn.cuda_graph_stats() == {"graphs": 2, "replays": 4, "eager": 7, "captures": 3,
+                                                   "evictions": 1}
+        finally:
+            mask_fpn.clear_cuda_graphs()
 
         captures.clear()
         forgetful = GraphCache(mask_fpn, max_seen=2)  # counts for the 2 latest signatures only

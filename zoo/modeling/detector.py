@@ -426,8 +426,8 @@ class GeneralizedRCNN(nn.Module):
         memory stays bounded however many images come. Forwards hold up to `batch_size` images, grouped as
         `predict` groups them (exact=True: one padded shape per forward, so each result equals predicting that
         image alone); a group that has not filled up by the time `window` images wait runs partly full.
-        Arrays are copied as they are taken, so a source that refills one buffer (a video reader) is safe.
-        An image that cannot be read (a missing, corrupt or unsupported file, a bad array) raises its InputError
+        Arrays and tensors are copied as they are taken, so a source that refills one buffer (a video reader) is
+        safe. An image that cannot be read (a missing, corrupt or unsupported file, a bad array) raises its InputError
         when its turn comes (errors="raise"), ending the stream; with errors="yield" that error is yielded in the
         image's place and the stream goes on. Bad arguments raise at the call.
         """

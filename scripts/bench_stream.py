@@ -42,18 +42,15 @@ def coco_sizes() -> list[tuple[int, int]]:
 def many_sizes(count: int, model) -> list[tuple[int, int]]:
     """`count` image sizes (w, h) that pad to `count` different network inputs for `model`: landscape and
     portrait, long side 480-1000 px at short side 480 (aspect ratios 1-2.1, as in COCO)."""
-    from zoo.modeling.transforms import resized_size
-
-    def padded(w: int, h: int) -> tuple[int, int]:
-        nh, nw = resized_size(h, w, model.min_size_test, model.max_size_test)
-        d = max(model.size_divisibility, 1)
-        return -(-nh // d) * d, -(-nw // d) * d
+    from zoo.modeling.transforms import padded_size, resized_size
 
     sizes, inputs = [], set()
     for long in range(480, 1001, 4):
         for w, h in ((long, 480), (480, long)):
-            if padded(w, h) not in inputs and len(sizes) < count:
-                inputs.add(padded(w, h))
+            padded = padded_size(*resized_size(h, w, model.min_size_test, model.max_size_test),
+                                 model.size_divisibility)
+            if padded not in inputs and len(sizes) < count:
+                inputs.add(padded)
                 sizes.append((w, h))
     if len(sizes) < count:
         raise SystemExit(f"--shapes {count}: at most {len(sizes)} input shapes at short side {model.min_size_test}")

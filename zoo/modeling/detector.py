@@ -184,8 +184,9 @@ class GeneralizedRCNN(nn.Module):
         from .graphs import STAT_NAMES
 
         cache = self._graph_cache
-        return {"graphs": len(cache) if cache is not None else 0,
-                **(cache.stats if cache is not None else dict.fromkeys(STAT_NAMES, 0))}
+        if cache is None:
+            return dict.fromkeys(("graphs", *STAT_NAMES), 0)
+        return {"graphs": len(cache), **cache.stats}
 
     def __getstate__(self):  # copies and pickles start without graphs (they belong to this model's tensors)
         state = super().__getstate__().copy()

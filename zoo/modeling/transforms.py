@@ -29,6 +29,20 @@ def _pil_rgb(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB")))
 
 
+def _rgb_hwc(image: np.ndarray, what: str, layouts: str) -> np.ndarray:
+    """An HxWx3, HxWx1 or HxW uint8 array -> contiguous HxWx3 (greyscale repeated); `what` (array, tensor) and
+    `layouts` (what to pass instead) word the errors."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim == 3 and image.shape[2] == 1:  # greyscale
+        image = np.repeat(image, 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"image {what} has shape {tuple(image.shape)}; pass {layouts}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise InputError(f"image {what} has shape {tuple(image.shape)}; height and width must be at least 1")
+    return np.ascontiguousarray(image)
+
+
 def _tensor_rgb(t: torch.Tensor) -> np.ndarray:
     """A uint8 image tensor (torchvision's CxHxW with C = 1, 3 or 4 (alpha dropped, as PIL's RGB conversion
     does), HxWx3, or HxW greyscale; any device) -> HxWx3 uint8 RGB array. A first dimension of 1, 3 or 4 means
@@ -39,14 +53,8 @@ def _tensor_rgb(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     if t.ndim == 3 and t.shape[0] in (1, 3, 4):
         t = t[:3].permute(1, 2, 0)
-    elif t.ndim == 2:
-        t = t[:, :, None]
-    if t.ndim != 3 or t.shape[2] not in (1, 3):
-        raise InputError(f"image tensor has shape {tuple(t.shape)}; pass one image as 3xHxW (torchvision's layout) "
-                         "or HxWx3, and a batch as a list of them")
-    if t.shape[0] < 1 or t.shape[1] < 1:
-        raise InputError(f"image tensor has shape {tuple(t.shape)}; height and width must be at least 1")
-    return np.ascontiguousarray(t.expand(-1, -1, 3).numpy())
+    return _rgb_hwc(t.numpy(), "tensor", "one image as 3xHxW (torchvision's layout) or HxWx3, and a batch as a "
+                                         "list of them")
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
@@ -78,15 +86,7 @@ def to_rgb_array(image: Any) -> np.ndarray:
         if image.dtype != np.uint8:
             raise InputError(f"image array has dtype {image.dtype}; pass uint8 RGB values in 0..255 "
                              "(e.g. arr.astype(numpy.uint8))")
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.ndim == 3 and image.shape[2] == 1:  # greyscale
-            image = np.repeat(image, 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise InputError(f"image array has shape {tuple(image.shape)}; pass an HxWx3 RGB array")
-        if image.shape[0] < 1 or image.shape[1] < 1:
-            raise InputError(f"image array has shape {tuple(image.shape)}; height and width must be at least 1")
-        return np.ascontiguousarray(image)
+        return _rgb_hwc(image, "array", "an HxWx3 RGB array")
     if isinstance(image, torch.Tensor):
         return _tensor_rgb(image)
     raise InputError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL.Image, an HxWx3 "

@@ -122,6 +122,26 @@ def test_predict_single_and_list(small_model):
     assert torch.equal(both[1].labels, single_flipped.labels)
 
 
+def test_predict_returns_the_pasted_masks_without_a_copy(small_model, monkeypatch):
+    """Masks at the original size are the largest result (100 x 12 MP is 1.2 GB): predict hands over the tensor the
+    paste wrote, an ordinary one that callers may edit in place, instead of copying it out of inference mode."""
+    from zoo import ops
+
+    pasted = []
+    paste = ops.paste_masks
+    monkeypatch.setattr(ops, "paste_masks", lambda *a, **k: pasted.append(paste(*a, **k)) or pasted[-1])
+    for static in (False, True):
+        small_model.static_shapes = static
+        try:
+            det = small_model.predict(FIXTURES / "images" / "scene_427x640.png")
+        finally:
+            small_model.static_shapes = None
+        assert len(det) > 0 and det.masks.data_ptr() == pasted[-1].data_ptr(), static
+        assert not det.masks.is_inference() and not det.boxes.is_inference()
+        det.masks[0] = ~det.masks[0]  # in place, outside inference mode
+        det.boxes[0] += 1
+
+
 def test_trace_exposes_intermediates(small_model):
     tr = small_model.trace(FIXTURES / "images" / "wide_300x1400.png")
     assert tr.batch.image_sizes == [(86, 400)] and tuple(tr.batch.tensor.shape[-2:]) == (96, 416)

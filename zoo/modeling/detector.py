@@ -346,8 +346,9 @@ class GeneralizedRCNN(nn.Module):
                 continue
             c, os_ = counts[i], batch.original_sizes[i]
             boxes, scores, labels = final.boxes[i, :c], final.scores[i, :c], final.classes[i, :c]
-            if copy:
-                boxes, scores, labels = boxes.clone(), scores.clone(), labels.clone()
+            if copy:  # ordinary tensors (copied outside inference mode): predict need not copy them again
+                with torch.inference_mode(False):
+                    boxes, scores, labels = boxes.clone(), scores.clone(), labels.clone()
             masks = None
             if final.mask_probs is not None:
                 masks = paste_masks_in_image(final.mask_probs[i, :c], boxes, os_, self.mask_threshold)
@@ -476,9 +477,13 @@ class GeneralizedRCNN(nn.Module):
             with torch.inference_mode():  # only around the network: predict_iter's caller runs between yields
                 dets = self.detect(self.collate([p for _, p in batch]))
             for (i, _), d in zip(batch, dets):
-                # plain tensors (cloned outside inference mode), so callers may modify results in place
-                yield i, Detections(d.boxes.clone(), d.scores.clone(), d.labels.clone(),
-                                    None if d.masks is None else d.masks.clone(), d.image_size)
+                # plain tensors, so callers may modify results in place: inference-mode ones are cloned outside it
+                yield i, Detections(_owned(d.boxes), _owned(d.scores), _owned(d.labels),
+                                    None if d.masks is None else _owned(d.masks), d.image_size)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_inference() else t
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> None:

@@ -17,7 +17,10 @@ def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
     """
     from .. import ops
 
-    return ops.paste_masks(masks, boxes, image_size, threshold, batched=batched)
+    # Outside inference mode, so that the result (the largest one, N x H x W at the original size) is an ordinary
+    # tensor that callers may edit in place: predict need not copy it.
+    with torch.inference_mode(False), torch.no_grad():
+        return ops.paste_masks(masks, boxes, image_size, threshold, batched=batched)
 
 def rescale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
     """Scale XYXY boxes from the resized (h, w) to the original (h, w) and clip to it."""

@@ -142,6 +142,30 @@ def test_predict_returns_the_pasted_masks_without_a_copy(small_model, monkeypatc
         det.boxes[0] += 1
 
 
+def test_predict_iter_pastes_each_images_masks_as_it_hands_it_over(small_model, monkeypatch):
+    """A batch's masks are not pasted all at once: each image's are made when its turn comes, so a batch of large
+    photos holds one image's N x H x W masks at a time, not batch_size of them."""
+    from zoo import ops
+
+    pasted = []
+    paste = ops.paste_masks
+    monkeypatch.setattr(ops, "paste_masks", lambda m, *a, **k: pasted.append(len(m)) or paste(m, *a, **k))
+    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(FIXTURES / "images" / "scene_427x640.png")
+                     .convert("RGB"))
+    for static in (False, True):
+        small_model.static_shapes = static
+        pasted.clear()
+        try:
+            it = small_model.predict_iter([img, img[::-1].copy(), img], batch_size=3, workers=0)
+            first = next(it)
+            assert pasted == [len(first)], static  # one forward ran for all three, one paste so far
+            rest = list(it)
+        finally:
+            small_model.static_shapes = None
+        assert pasted == [len(d) for d in [first, *rest]] and len(rest) == 2
+        assert torch.equal(first.masks, rest[1].masks)
+
+
 def test_trace_exposes_intermediates(small_model):
     tr = small_model.trace(FIXTURES / "images" / "wide_300x1400.png")
     assert tr.batch.image_sizes == [(86, 400)] and tuple(tr.batch.tensor.shape[-2:]) == (96, 416)

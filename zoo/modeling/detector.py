@@ -16,7 +16,7 @@ from ..manifest import Architecture
 from .backbone import build_backbone
 from .box_coder import clip_boxes, nonempty
 from .layers import Conv2d, cudnn_fusion
-from .mask_paste import detector_postprocess, paste_masks_in_image
+from .mask_paste import paste_masks_in_image, postprocess_boxes
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
 from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_size, to_rgb_array
@@ -326,16 +326,15 @@ class GeneralizedRCNN(nn.Module):
                              instances.classes.gather(1, order), keep.sum(dim=1), instances.complete, mp)
 
     def _detect_static(self, batch: ImageBatch):
-        """The fixed-shape path for a batch: features, proposals, padded instances and the Detections
-        (one host synchronisation, then slicing and mask pasting)."""
+        """The fixed-shape path for a batch: features, proposals, padded instances and the detections, masks not
+        pasted yet (one host synchronisation, then slicing)."""
         sizes = self.size_table(batch)
         features, proposals, instances = self.run_static(batch.tensor, sizes)
         return features, proposals, instances, self._deliver(self.compact_static(instances, sizes), batch)
 
-    def _deliver(self, final: InstanceBatch, batch: ImageBatch, copy: bool = False) -> list[Any]:
-        """Compacted detections -> Detections per image (copy=True: own the tensors, not views into `final`)."""
-        from ..results import Detections
-
+    def _deliver(self, final: InstanceBatch, batch: ImageBatch, copy: bool = False) -> list[Unpasted]:
+        """Compacted detections -> one Unpasted per image (copy=True: own the tensors, not views into `final`,
+        whose buffers the next CUDA-graph replay overwrites)."""
         counts = torch.cat([final.counts, final.complete.to(torch.int64)]).tolist()  # the one sync
         n = len(batch.image_sizes)
         out = []
@@ -345,19 +344,19 @@ class GeneralizedRCNN(nn.Module):
                 out.extend(self.postprocess(self.forward(sub.tensor, sub.image_sizes), sub))
                 continue
             c, os_ = counts[i], batch.original_sizes[i]
-            boxes, scores, labels = final.boxes[i, :c], final.scores[i, :c], final.classes[i, :c]
+            parts = [final.boxes[i, :c], final.scores[i, :c], final.classes[i, :c],
+                     None if final.mask_probs is None else final.mask_probs[i, :c]]
             if copy:  # ordinary tensors (copied outside inference mode): predict need not copy them again
                 with torch.inference_mode(False):
-                    boxes, scores, labels = boxes.clone(), scores.clone(), labels.clone()
-            masks = None
-            if final.mask_probs is not None:
-                masks = paste_masks_in_image(final.mask_probs[i, :c], boxes, os_, self.mask_threshold)
-            out.append(Detections(boxes=boxes, scores=scores, labels=labels, masks=masks,
-                                  image_size=(int(os_[0]), int(os_[1]))))
+                    parts = [None if t is None else t.clone() for t in parts]
+            out.append(Unpasted(*parts, image_size=(int(os_[0]), int(os_[1]))))
         return out
 
     def detect(self, batch: ImageBatch) -> list[Any]:
         """Detections in original-image pixels for a preprocessed batch (static or dynamic path)."""
+        return [u.paste(self.mask_threshold) for u in self._detect_unpasted(batch)]
+
+    def _detect_unpasted(self, batch: ImageBatch) -> list[Unpasted]:
         if self.uses_static_shapes(batch.tensor.device):
             if self.cuda_graphs and batch.tensor.is_cuda:
                 self._lay_out_convs(batch.tensor.device)  # before the cache: a layout change drops it
@@ -369,16 +368,14 @@ class GeneralizedRCNN(nn.Module):
             return self._detect_static(batch)[3]
         return self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
 
-    def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Any]:
-        """Detections in original-image pixels (boxes rescaled and clipped, masks pasted)."""
-        from ..results import Detections
-
+    def postprocess(self, instances: Sequence[RawInstances], batch: ImageBatch) -> list[Unpasted]:
+        """Detections in original-image pixels (boxes rescaled and clipped, empty ones dropped), masks not pasted
+        yet."""
         out = []
         for inst, rs, os_ in zip(instances, batch.image_sizes, batch.original_sizes):
-            boxes, scores, classes, masks = detector_postprocess(
-                inst.boxes, inst.scores, inst.classes, inst.mask_probs, rs, os_, self.mask_threshold)
-            out.append(Detections(boxes=boxes, scores=scores, labels=classes.to(torch.int64), masks=masks,
-                                  image_size=(int(os_[0]), int(os_[1]))))
+            boxes, scores, classes, mask_probs = postprocess_boxes(inst.boxes, inst.scores, inst.classes,
+                                                                   inst.mask_probs, rs, os_)
+            out.append(Unpasted(boxes, scores, classes.to(torch.int64), mask_probs, (int(os_[0]), int(os_[1]))))
         return out
 
     def trace(self, image: Any) -> Trace:
@@ -387,14 +384,15 @@ class GeneralizedRCNN(nn.Module):
         with torch.inference_mode():
             batch = self.preprocess(images)
             if self.uses_static_shapes(batch.tensor.device):
-                features, proposals, instances, detections = self._detect_static(batch)
-                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch(), detections)
+                features, proposals, instances, unpasted = self._detect_static(batch)
+                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch(),
+                           [u.paste(self.mask_threshold) for u in unpasted])
                 if not bool(instances.complete.all()):  # the detections were recomputed exactly
                     tr.instances = self.run(batch.tensor, batch.image_sizes).instances
                 return tr
             tr = self.run(batch.tensor, batch.image_sizes)
             tr.batch = batch
-            tr.detections = self.postprocess(tr.instances, batch)
+            tr.detections = [u.paste(self.mask_threshold) for u in self.postprocess(tr.instances, batch)]
         return tr
 
     def predict(self, image: Any, *, batch_size: Optional[int] = None, exact: bool = True) -> Any:
@@ -463,23 +461,44 @@ class GeneralizedRCNN(nn.Module):
         reads = read_ahead(images, prepare if yield_errors else self.prepare, workers, depth=max(window, workers))
         failed = (lambda p: isinstance(p, InputError)) if yield_errors else None
         try:
-            yield from in_input_order(self._run_batches(group_batches(reads, key, batch_size, window, failed)))
+            # each image's masks are pasted as it is handed over, so those of a batch, or of results waiting for
+            # an earlier image, never all exist at once (100 masks of a 12 MP photo take 1.2 GB)
+            for r in in_input_order(self._run_batches(group_batches(reads, key, batch_size, window, failed))):
+                yield r if isinstance(r, InputError) else r.paste(self.mask_threshold)
         finally:
             reads.close()  # stop the reader threads when the caller stops early
 
     def _run_batches(self, batches: Iterable[list[tuple[int, Any]]]) -> Iterator[tuple[int, Any]]:
-        from ..results import Detections
-
         for batch in batches:
             if isinstance(batch[0][1], InputError):  # an image that could not be read: its error, in its place
                 yield batch[0]
                 continue
             with torch.inference_mode():  # only around the network: predict_iter's caller runs between yields
-                dets = self.detect(self.collate([p for _, p in batch]))
-            for (i, _), d in zip(batch, dets):
-                # plain tensors, so callers may modify results in place: inference-mode ones are cloned outside it
-                yield i, Detections(_owned(d.boxes), _owned(d.scores), _owned(d.labels),
-                                    None if d.masks is None else _owned(d.masks), d.image_size)
+                unpasted = self._detect_unpasted(self.collate([p for _, p in batch]))
+            yield from zip((i for i, _ in batch), unpasted)
+
+
+@dataclass
+class Unpasted:
+    """One image's detections before its masks are pasted: boxes in original-image pixels, [N, M, M] mask
+    probabilities. Pasting makes N x H x W masks at the original size, by far the largest result, so predict_iter
+    does it for one image at a time, as it hands that image over."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    mask_probs: Optional[torch.Tensor]
+    image_size: tuple[int, int]
+
+    def paste(self, threshold: float) -> Any:
+        """The Detections, made of ordinary tensors (inference-mode ones are copied), which callers may edit in
+        place."""
+        from ..results import Detections
+
+        masks = None
+        if self.mask_probs is not None:
+            masks = paste_masks_in_image(self.mask_probs, self.boxes, self.image_size, threshold)
+        return Detections(_owned(self.boxes), _owned(self.scores), _owned(self.labels), masks, self.image_size)
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Detectron2's `paste_masks_in_image` and `detector_postprocess`."""
+"""Detectron2's `paste_masks_in_image`, and `detector_postprocess` up to the paste."""
 from __future__ import annotations
 
 from typing import Optional
@@ -32,16 +32,13 @@ def rescale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tupl
     return clip_boxes(boxes, to_size)
 
 
-def detector_postprocess(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
-                         mask_probs: torch.Tensor | None, resized_size: tuple[int, int],
-                         orig_size: tuple[int, int], mask_threshold: float = 0.5):
-    """Map detections to the original image: rescale + clip boxes, drop empty ones, paste masks."""
+def postprocess_boxes(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
+                      mask_probs: torch.Tensor | None, resized_size: tuple[int, int], orig_size: tuple[int, int]):
+    """detector_postprocess up to the paste: rescale + clip boxes to the original image, drop empty ones (and their
+    mask probabilities)."""
     boxes = rescale_boxes(boxes, resized_size, orig_size)
     keep = nonempty(boxes)
     if not bool(keep.all()):
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
         mask_probs = None if mask_probs is None else mask_probs[keep]
-    masks = None
-    if mask_probs is not None:
-        masks = paste_masks_in_image(mask_probs, boxes, orig_size, mask_threshold)
-    return boxes, scores, classes, masks
+    return boxes, scores, classes, mask_probs

@@ -143,3 +143,27 @@ def test_masks_are_painted_within_their_boxes_exactly_as_on_the_whole_image():
             want[_mask_edge(m)] = c
         _paint_masks(canvas, masks, colors)
         assert np.array_equal(canvas, want)
+
+
+def test_masks_are_drawn_without_copying_the_stack():
+    """100 masks of a 12 MP photo take 1.2 GB: draw reads each where it lies, instead of copying the filtered,
+    reordered stack (NumPy's allocations, which tracemalloc sees, stay near the canvas's own size)."""
+    import tracemalloc
+
+    n, h, w = 100, 1000, 1000  # a 100 MB stack, half of it drawn; the canvas is 12 MB of float32
+    boxes = [[(7 * i) % 800, (3 * i) % 700, (7 * i) % 800 + 200, (3 * i) % 700 + 300] for i in range(n)]
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        masks[i, y1 + 5:y2 - 5, x1 + 5:x2 - 5] = True
+    scores = torch.linspace(0.95, 0.1, n).tolist()
+    det = _dets(boxes, scores, [i % 80 for i in range(n)], masks=masks, size=(h, w))
+    img = _grey(h, w)
+    want = np.asarray(draw(img, det[det.scores >= 0.5], score_thresh=0.0))
+    tracemalloc.start()
+    try:
+        got = np.asarray(draw(img, det, score_thresh=0.5))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, want)  # the same picture as drawing the filtered detections
+    assert peak < 64 * 2**20, peak / 2**20  # about 35 MiB; copying the drawn half twice took 114

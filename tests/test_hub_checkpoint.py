@@ -89,11 +89,29 @@ def test_python2_style_pickle_with_latin1_byte_strings(tmp_path):
     assert_same(load_checkpoint(p), weights())
 
 
-@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_newer_protocols(tmp_path, protocol):
     p = tmp_path / "new.pkl"
     p.write_bytes(pickle.dumps({"model": weights()}, protocol=protocol))
     assert_same(load_checkpoint(p), weights())
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_loaded_tensors_are_writable_and_contiguous_without_warnings(tmp_path, protocol):
+    """Tensors share the unpickled arrays' private memory where they can (no copy of every weight); a Fortran-order
+    array is made C-contiguous; nothing warns about non-writable NumPy arrays."""
+    import warnings
+
+    arrays = dict(weights(), fortran=np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)))
+    p = tmp_path / "w.pkl"
+    p.write_bytes(pickle.dumps({"model": arrays}, protocol=protocol))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd = load_checkpoint(p)
+        for t in sd.values():
+            assert t.is_contiguous()
+            t += 1  # writable
+    assert_same(sd, {k: a + 1 for k, a in arrays.items()})
 
 
 def test_bare_dict_and_ordered_dict(tmp_path):

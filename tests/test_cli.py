@@ -144,15 +144,30 @@ def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
             "'/elsewhere/lib.py', 7), check(a)); "
             "from zoo.cli import main; sys.exit(main(sys.argv[1:]))")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code, "eval", "faster_rcnn_R_50_FPN_1x", "--annotations",
-                        str(tmp_path / "missing.json"), "--images", str(tmp_path), "--device", "cpu",
-                        "--precision", "bf16"], capture_output=True, text=True, env=env, timeout=120)
+    ann = _tiny_coco_dataset(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "results.json"  # an --out that cannot be made: the error after the warning
+    r = subprocess.run([sys.executable, "-c", code, "eval", "faster_rcnn_R_50_FPN_1x", "--annotations", str(ann),
+                        "--images", str(tmp_path), "--device", "cpu", "--precision", "bf16", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and lines[0] == "/elsewhere/lib.py:7: UserWarning: other library", r.stderr
-    assert lines[1:] == ["zoo: warning: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 runs about 6x "
-                         "slower than fp32 on it; choose fp32 here",
-                         f"zoo: error: annotation file {str(tmp_path / 'missing.json')!r} does not exist; pass a COCO "
-                         "instances JSON file"], r.stderr
+    assert lines[1:-1] == ["zoo: warning: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 runs about 6x "
+                           "slower than fp32 on it; choose fp32 here"], r.stderr
+    assert lines[-1].startswith(f"zoo: error: cannot create the folder {out.parent} for --out: "), r.stderr
+
+
+def _tiny_coco_dataset(root: Path) -> Path:
+    """One 8x8 PNG with one person box: enough for zoo eval's checks of its inputs."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    ann = root / "instances.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4],
+                                                "area": 16, "iscrowd": 0}],
+                               "categories": [{"id": 1, "name": "person", "supercategory": ""}]}))
+    return ann
 
 
 @pytest.mark.parametrize("args, message", [
@@ -161,6 +176,10 @@ def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
     (["bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--image", "README.md"], "cannot read 'README.md'"),
     (["predict", "faster_rcnn_R_50_FPN_1x", "no-such.jpg"], "image 'no-such.jpg' does not exist"),
     (["predict", "faster_rcnn_R_50_FPN_1x", "README.md", "--batch", "0"], "--batch must be at least 1"),
+    (["eval", "faster_rcnn_R_50_FPN_1x", "--annotations", "no-such.json", "--images", "."],
+     "annotation file 'no-such.json' does not exist"),
+    (["eval", "faster_rcnn_R_50_FPN_1x", "--annotations", "README.md", "--images", ".", "--out", "tests"],
+     "--out 'tests' is a folder"),
 ])
 def test_option_errors_come_before_torch_loads(args, message):
     # importing torch takes 3-4 s on these machines: a mistyped option is reported without it

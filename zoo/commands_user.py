@@ -202,17 +202,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_report, image_paths, load_annotations, require_pycocotools
     from .registry import get_manifest
 
+    # the checks that need no torch come first (importing it takes seconds): a typo fails at once
     require_pycocotools()
     manifest = get_manifest(args.name)
     check_batch(args)
     check_sizes_for(args, manifest)
-    check_precision_for(args)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise InputError(f"--out {args.out!r} is a folder; pass a file name for the results JSON")
-    _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
     coco = load_annotations(args.annotations)  # a bad file, folder or image fails before the model loads
     image_paths(coco, args.images, args.limit)
+    check_precision_for(args)
+    _make_dir(out.parent, "--out")  # a bad --out fails before the evaluation, not after it
     model = load_model(args, precision=args.precision)
     result = evaluate(model, coco, args.images, limit=args.limit, batch_size=args.batch)
     try:

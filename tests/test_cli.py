@@ -8,15 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from user_support import import_script
+from user_support import import_script, zoo_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def zoo_cmd(*args, env=None, cwd=None):
-    e = dict(os.environ, **(env or {}))
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=120)
 
 
 def test_list_json_has_every_baseline_and_documented_keys():

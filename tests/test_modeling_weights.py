@@ -190,3 +190,36 @@ def test_folded_copy_in_autocast_dtype_gives_the_same_result():
             assert conv._folded[0].dtype == torch.bfloat16
         assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
         assert conv(x).dtype == torch.float32 and conv._folded[0].dtype == torch.float32
+
+
+def test_a_model_built_without_random_init_loads_to_the_same_state(model):
+    """zoo.get skips the random fills of a model it then loads (most of the build's time): after the load every
+    parameter and buffer, the non-persistent ones (pixel mean and std, cell anchors) included, equals a randomly
+    initialised model's after the same load."""
+    import threading
+
+    from zoo.modeling.detector import _NoRandomInit
+
+    sd = model.state_dict()  # the module fixture's weights, whatever earlier tests loaded
+    bare = build_model(zoo.get_manifest(SMALL).architecture, random_init=False)
+    load_weights(bare, sd)
+    got, want = dict(bare.named_buffers()), dict(model.named_buffers())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got, want = dict(bare.named_parameters()), dict(model.named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the skip holds in the building thread only: another thread's modules are still randomly initialised
+    inside, done = threading.Event(), threading.Event()
+
+    def hold():
+        with _NoRandomInit():
+            inside.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        inside.wait(30)
+        assert torch.nn.Linear(256, 256).weight.std() > 0.01
+    finally:
+        done.set()
+        t.join()

@@ -101,7 +101,7 @@ def get(
     dev = resolve_device(device)
     check_precision(precision, dev)  # before any download
     check_graph_options(static_shapes, cuda_graphs, dev)
-    model = build_model(arch)
+    model = build_model(arch, random_init=weights is None and not pretrained)  # loaded weights replace it all
     model.manifest = manifest
     if weights is not None:
         path = Path(weights).expanduser()

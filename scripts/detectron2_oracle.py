@@ -201,7 +201,7 @@ def main() -> int:
     for seed in a.seeds:
         state = baseline_state_dict(a.name, seed)
         d2, cfg = detectron2_model(a.name, config, state)
-        ours = build_model(zoo.get_manifest(a.name).architecture)
+        ours = build_model(zoo.get_manifest(a.name).architecture, random_init=False)
         load_weights(ours, state)
         ours.static_shapes, ours.fast_convs = a.path == "static", a.fast_convs or None
         for paths in [a.images] if a.batched else [[p] for p in a.images]:

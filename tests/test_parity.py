@@ -121,7 +121,7 @@ class Runner:
             self._results = {k: v for k, v in self._results.items() if k[0] == key}
             arch = zoo.get_manifest(name).architecture
             keys = state_dict_keys(name)
-            model = build_model(arch)
+            model = build_model(arch, random_init=False)  # as zoo.get builds a model it loads
             load_weights(model, self._synth(keys, key[1], key[2]))
             model.cudnn_fusion = CUDNN_FUSION
             model.precision = PRECISION

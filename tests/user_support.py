@@ -51,7 +51,7 @@ def synthetic_baseline(name: str):
     import zoo
     from zoo.modeling import build_model, load_weights
 
-    model = build_model(zoo.get_manifest(name).architecture)
+    model = build_model(zoo.get_manifest(name).architecture, random_init=False)  # as zoo.get builds it
     load_weights(model, baseline_state_dict(name))
     return model.eval()
 
@@ -137,7 +137,8 @@ def small_synthetic_model(name: str, min_size: int = 320, max_size: int = 512):
     import zoo
     from zoo.modeling import build_model, load_weights
 
-    model = build_model(zoo.get_manifest(name).architecture.with_test_settings(min_size=min_size, max_size=max_size))
+    model = build_model(zoo.get_manifest(name).architecture.with_test_settings(min_size=min_size, max_size=max_size),
+                        random_init=False)
     load_weights(model, synth_state_dict(state_dict_keys(name)))
     return model
 

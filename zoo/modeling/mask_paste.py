@@ -22,6 +22,7 @@ def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
     with torch.inference_mode(False), torch.no_grad():
         return ops.paste_masks(masks, boxes, image_size, threshold, batched=batched)
 
+
 def rescale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
     """Scale XYXY boxes from the resized (h, w) to the original (h, w) and clip to it."""
     scale_x = to_size[1] / from_size[1]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from user_support import import_script, zoo_cmd
+from user_support import import_script, tiny_coco_dataset, zoo_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
             "'/elsewhere/lib.py', 7), check(a)); "
             "from zoo.cli import main; sys.exit(main(sys.argv[1:]))")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    ann = _tiny_coco_dataset(tmp_path)
+    ann = tiny_coco_dataset(tmp_path)
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "results.json"  # an --out that cannot be made: the error after the warning
     r = subprocess.run([sys.executable, "-c", code, "eval", "faster_rcnn_R_50_FPN_1x", "--annotations", str(ann),
@@ -150,18 +150,6 @@ def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
                            "slower than fp32 on it; choose fp32 here"], r.stderr
     assert lines[-1].startswith(f"zoo: error: cannot create the folder {out.parent} for --out: "), r.stderr
 
-
-def _tiny_coco_dataset(root: Path) -> Path:
-    """One 8x8 PNG with one person box: enough for zoo eval's checks of its inputs."""
-    from PIL import Image
-
-    Image.new("RGB", (8, 8)).save(root / "a.png")
-    ann = root / "instances.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
-                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4],
-                                                "area": 16, "iscrowd": 0}],
-                               "categories": [{"id": 1, "name": "person", "supercategory": ""}]}))
-    return ann
 
 
 @pytest.mark.parametrize("args, message", [

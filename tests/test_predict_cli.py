@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from user_support import (IMAGES, baseline_state_dict, mirror_with, small_manifest, synth_checkpoint,
-                          write_manifest_dir, zoo_cmd)
+                          tiny_coco_dataset, write_manifest_dir, zoo_cmd)
 from zoo.results import COCO_CATEGORY_IDS
 
 BASE = "mask_rcnn_R_50_FPN_1x"
@@ -187,9 +187,11 @@ def test_out_that_cannot_be_created_fails_before_the_model_loads(tmp_path):
 
 def test_eval_out_that_cannot_be_created_fails_before_evaluating(tmp_path):
     (tmp_path / "file").write_text("a file")
-    r = zoo_cmd("eval", "faster_rcnn_R_50_FPN_1x", "--annotations", str(tmp_path / "missing.json"),
-                "--images", str(tmp_path), "--out", str(tmp_path / "file" / "results.json"))
-    assert_one_line_error(r, "--out", "writable")  # not the missing annotations: --out is checked first
+    r = zoo_cmd("eval", "faster_rcnn_R_50_FPN_1x", "--annotations", str(tiny_coco_dataset(tmp_path)),
+                "--images", str(tmp_path), "--out", str(tmp_path / "file" / "results.json"),
+                env={"ZOO_OFFLINE": "1", "ZOO_HOME": str(tmp_path / "cache")})
+    # before the model: offline with nothing cached, loading it would be the error
+    assert_one_line_error(r, "--out", "writable")
 
 
 def test_bad_download_settings_are_one_line_errors(tmp_path):

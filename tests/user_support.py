@@ -124,6 +124,19 @@ def zoo_cmd(*args: str, env: Optional[dict] = None, cwd=None, timeout: float = 3
                           timeout=timeout)
 
 
+def tiny_coco_dataset(root: Path) -> Path:
+    """One 8x8 PNG (root/a.png) with one person box, as COCO instances JSON: enough for zoo eval's input checks."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    ann = root / "instances.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4],
+                                                "area": 16, "iscrowd": 0}],
+                               "categories": [{"id": 1, "name": "person", "supercategory": ""}]}))
+    return ann
+
+
 def fixture_image(stem: str):
     """A fixture image as an HxWx3 uint8 RGB array."""
     import numpy as np

@@ -114,6 +114,16 @@ def test_cpu_bench_table():
     assert 0 <= share_all <= 100 and share_top >= 90  # bf16 keeps fp32's best detections
 
 
+def test_large_image_bench_on_cpu():
+    res = run_script("scripts/bench_large_images.py", "--size", "320x240", "--min-size", "128", "--repeats", "1",
+                     "--batch", "2", "--load-models", MODEL)
+    assert "network input short side 128" in res.stdout
+    for row in ("predict one 320x240 photo", "predict_iter 2 photos at batch 2",
+                "viz.draw of one photo's detections (score >= 0.05)", f"zoo.get {MODEL} from a local .pkl"):
+        seconds, peak, above = (float(c) for c in table_row(res.stdout, row)[1:4])
+        assert seconds > 0 and peak > 0 and above <= peak, row
+
+
 def test_memory_script():
     memory_e2e = import_script("memory_e2e")
     zoo_line = {"filename": memory_e2e.ZOO_DIR + "modeling/layers.py", "line": 40, "name": "forward"}

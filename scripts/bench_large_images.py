@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                   "repeats": a.repeats, "threads": a.threads}
         rows = [(f"predict one {w}x{h} photo", run_step("predict", common)),
                 (f"predict_iter {a.batch} photos at batch {a.batch}", run_step("stream", common)),
-                (f"viz.draw of one photo's detections (score >= 0.05)", run_step("draw", common))]
+                ("viz.draw of one photo's detections (score >= 0.05)", run_step("draw", common))]
         for name in a.load_models:
             ckpt = Path(tmp) / f"{name}.pkl"
             with open(ckpt, "wb") as f:

@@ -151,7 +151,6 @@ def test_zoo_warnings_are_one_line_others_keep_their_form(tmp_path):
     assert lines[-1].startswith(f"zoo: error: cannot create the folder {out.parent} for --out: "), r.stderr
 
 
-
 @pytest.mark.parametrize("args, message", [
     (["bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--batch", "0"], "--batch and --iters must be at least 1"),
     (["bench", "faster_rcnn_R_50_FPN_1x", "--synthetic", "--min-size", "0"], "--min-size 0 is not allowed"),

@@ -45,7 +45,7 @@ def status_mib(field):  # Linux: VmHWM (peak of this process image) or VmRSS (no
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-def rss_mib():  # peak so far; not ru_maxrss, which counts the parent's memory at the fork on Linux
+def peak_mib():  # peak so far; not ru_maxrss, which counts the parent's memory at the fork on Linux
     return status_mib("VmHWM")
 
 def current_mib():  # resident now; also restarts the peak from here where Linux lets us (clear_refs 5)
@@ -84,7 +84,7 @@ else:
                 for d in model.predict_iter([photo] * a["batch"], batch_size=a["batch"]):
                     del d
             s = timed(stream)
-print(json.dumps({"s": s, "start": start, "peak": rss_mib()}))
+print(json.dumps({"s": s, "start": start, "peak": peak_mib()}))
 '''
 
 

@@ -173,7 +173,7 @@ def test_graph_cache_captures_a_signature_on_its_second_use(monkeypatch):
         cache.run(m, b)  # b's graph is gone and its count went with its capture: eager again
         assert len(captures) == 3 and cache.stats["eager"] == 7 and len(replays) == 4
         assert m.cuda_graph_stats() == dict.fromkeys(["graphs", "replays", "eager", "captures", "evictions"], 0)
-        m._graph_cache = cache  # as detect() keeps it
+        m._graph_cache = cache  # as _detect_unpasted() keeps it
         assert m.cuda_graph_stats() == {"graphs": 2, "replays": 4, "eager": 7, "captures": 3, "evictions": 1}
         m.clear_cuda_graphs()
 

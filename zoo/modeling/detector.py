@@ -352,11 +352,9 @@ class GeneralizedRCNN(nn.Module):
             out.append(Unpasted(*parts, image_size=(int(os_[0]), int(os_[1]))))
         return out
 
-    def detect(self, batch: ImageBatch) -> list[Any]:
-        """Detections in original-image pixels for a preprocessed batch (static or dynamic path)."""
-        return [u.paste(self.mask_threshold) for u in self._detect_unpasted(batch)]
-
     def _detect_unpasted(self, batch: ImageBatch) -> list[Unpasted]:
+        """Detections in original-image pixels for a preprocessed batch (static or dynamic path), masks not pasted
+        yet."""
         if self.uses_static_shapes(batch.tensor.device):
             if self.cuda_graphs and batch.tensor.is_cuda:
                 self._lay_out_convs(batch.tensor.device)  # before the cache: a layout change drops it

@@ -126,6 +126,26 @@ def test_tf32_context_restores_pytorchs_settings():
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
+def test_tf32_blocks_of_threads_that_overlap_restore_the_settings_once_all_end():
+    # two threads' forward passes overlap: the first to end must not switch TF32 off under the other, and the last
+    # must not leave it on (a naive save/restore per block did both)
+    from zoo.modeling.detector import _tf32
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    first, second = _tf32(), _tf32()
+    try:
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        second.__exit__(None, None, None)
+        assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
 def test_ops_under_autocast():
     """roi_align used to fail under autocast (bf16 bmm result copied into an fp32 buffer)."""
     from zoo import ops

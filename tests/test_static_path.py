@@ -13,7 +13,9 @@ import functools
 import os
 import random
 import sys
+import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -135,6 +137,11 @@ def test_graph_key_follows_shape_precision_settings_and_in_place_weight_changes(
     assert cache._key(mask_fpn, a) != key
 
 
+def _as_is(out):
+    """GraphCache.run's `take` for tests that read the graph's own buffers."""
+    return out
+
+
 def test_graph_cache_captures_a_signature_on_its_second_use(monkeypatch):
     # the capture itself needs CUDA (test_cuda_* below); here a stand-in records when the cache asks for one
     from zoo.modeling.graphs import GraphCache
@@ -159,18 +166,18 @@ def test_graph_cache_captures_a_signature_on_its_second_use(monkeypatch):
         assert len(set(shape.values())) == 3
         want = m.compact_static(m.run_static(a.tensor, m.size_table(a))[2], a)
         assert int(want.counts.sum()) > 0  # detections to compare
-        runs = [cache.run(m, x) for x in (a, a, a, b, c, b)]
+        runs = [cache.run(m, x, _as_is) for x in (a, a, a, b, c, b)]
         # a: eager, captured + replayed, replayed; b: eager; c: eager; b: captured + replayed
         assert captures == [shape[id(a)], shape[id(b)]] and len(replays) == 3
         for got in runs[:3]:
             assert torch.equal(got.boxes, want.boxes) and torch.equal(got.counts, want.counts)
-        cache.run(m, c)  # c's second use, the cache full: c has not been used more than b (2 uses)
+        cache.run(m, c, _as_is)  # c's second use, the cache full: c has not been used more than b (2 uses)
         assert len(cache) == 2 and len(captures) == 2
         assert cache.stats == {"replays": 3, "eager": 4, "captures": 2, "evictions": 0}
         for _ in range(3):  # c: 3, 4, 5 uses; b held with 2, so c's 5th use displaces b
-            cache.run(m, c)
+            cache.run(m, c, _as_is)
         assert captures[-1] == shape[id(c)] and len(captures) == 3 and cache.stats["evictions"] == 1
-        cache.run(m, b)  # b's graph is gone and its count went with its capture: eager again
+        cache.run(m, b, _as_is)  # b's graph is gone and its count went with its capture: eager again
         assert len(captures) == 3 and cache.stats["eager"] == 7 and len(replays) == 4
         assert m.cuda_graph_stats() == dict.fromkeys(["graphs", "replays", "eager", "captures", "evictions"], 0)
         m._graph_cache = cache  # as _detect_unpasted() keeps it
@@ -180,9 +187,9 @@ def test_graph_cache_captures_a_signature_on_its_second_use(monkeypatch):
         captures.clear()
         forgetful = GraphCache(m, max_seen=2)  # counts for the 2 latest signatures only
         for x in (a, b, c, a):  # c's count pushes out a's, so a's second use counts as its first
-            forgetful.run(m, x)
+            forgetful.run(m, x, _as_is)
         assert captures == []
-        forgetful.run(m, a)
+        forgetful.run(m, a, _as_is)
         assert captures == [shape[id(a)]]
 
 
@@ -220,7 +227,7 @@ def _stream_cache(**kw):
 
 def _play(cache, names, versions=()):
     model = _ShapeStream()
-    return [cache.run(model, SimpleNamespace(shape_name=n, tensor=torch.zeros(1), versions=versions))
+    return [cache.run(model, SimpleNamespace(shape_name=n, tensor=torch.zeros(1), versions=versions), _as_is)
             for n in names]
 
 
@@ -254,6 +261,47 @@ def test_graph_cache_does_not_thrash_on_more_shapes_than_slots():
     # weights changed in place (their versions are in every key): the held graphs can never match again, so they
     # go at once instead of holding their slots until their counts decay
     assert _play(few, [0, 0], versions=(1,)) == ["eager", "graph"] and len(few) == 1
+
+
+def test_graph_cache_lets_one_thread_at_a_time_between_replay_and_copy():
+    # a server may share one model between threads: another thread's replay must not overwrite a graph's buffers
+    # before the caller that replayed it has copied its outputs (the stand-in graph widens that window)
+    from zoo.modeling.graphs import GraphCache
+
+    class Model(_ShapeStream):
+        def run_static(self, images, sizes):
+            return None, None, images
+
+        def compact_static(self, raw, sizes):
+            return raw.clone()
+
+    class Cache(GraphCache):
+        def _key(self, model, batch):
+            return "one shape", ()
+
+        def _capture(self, model, images, sizes):
+            static_in, out = images.clone(), torch.zeros_like(images)
+
+            def replay():
+                time.sleep(0.001)
+                out.copy_(static_in)
+
+            return SimpleNamespace(replay=replay), static_in, sizes.clone(), out
+
+    def copy_slowly(out):
+        time.sleep(0.001)
+        return out.clone()
+
+    cache, model = Cache(Model()), Model()
+
+    def serve(worker):
+        inputs = [float(1000 * worker + i) for i in range(30)]
+        got = [cache.run(model, SimpleNamespace(tensor=torch.tensor([v])), copy_slowly).item() for v in inputs]
+        return got == inputs
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(serve, range(4)))
+    assert cache.stats["replays"] + cache.stats["eager"] == 120 and cache.stats["replays"] > 100, cache.stats
 
 
 def test_copies_start_without_graphs(mask_fpn):
@@ -554,6 +602,33 @@ def test_cuda_predict_iter_gives_predicts_results():
             got = list(m.predict_iter(images, batch_size=2))
             for w, g in zip(want, got):
                 _assert_same(w, g)
+    m.cuda_graphs = False
+
+
+@cuda
+def test_cuda_graphs_serve_threads_on_their_own_streams():
+    # threads sharing one model (a server) replay one graph, each on its own CUDA stream: without the cache's lock
+    # and its wait for the last copy, a replay could overwrite another thread's outputs before it copied them
+    same = functools.partial(_assert_same, mask_pixels=1e-4)
+    m = small_synthetic_model("mask_rcnn_R_50_FPN_3x").cuda()
+    m.static_shapes, m.cuda_graphs = True, True
+    g = _image("grace_hopper")
+    images = [g, g[:, ::-1].copy(), g[::-1].copy(), g[:-7, :-5].copy()]  # one padded shape
+    alone = [[m.predict(im) for _ in range(2)][-1] for im in images]  # the shape's second use captures
+    assert len(m._graph_cache) == 1
+
+    def serve(image):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            got = [m.predict(image) for _ in range(10)]
+        torch.cuda.synchronize()
+        return got
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        served = list(pool.map(serve, images))
+    for want, got in zip(alone, served):
+        for d in got:
+            same(want, d)
+    assert m.cuda_graph_stats()["replays"] >= 40
     m.cuda_graphs = False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -146,6 +147,27 @@ def test_predict_iter_equals_predicting_each_image_alone(model):
     for s, d in zip(singles, out):
         _same(s, d)
         assert not d.boxes.is_inference()  # plain tensors, as predict returns
+
+
+@pytest.mark.parametrize("fast_convs", [False, True])
+def test_one_model_serves_several_threads(fast_convs):
+    # a server shares one model between request threads; a fresh one, so that the threads' first calls also race
+    # to lay the weights out (channels-last and folded norms with fast_convs)
+    shared = small_synthetic_model("faster_rcnn_R_50_FPN_3x")
+    shared.fast_convs = fast_convs
+    images = _images()[:4]
+    start = threading.Barrier(len(images))
+
+    def serve(image):
+        start.wait()
+        return [shared.predict(image) for _ in range(2)]
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        served = list(pool.map(serve, images))
+    for image, results in zip(images, served):
+        alone = shared.predict(image)
+        for d in results:
+            _same(alone, d)
 
 
 def test_predict_iter_over_nothing_yields_nothing(model):

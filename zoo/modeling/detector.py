@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
@@ -25,6 +26,7 @@ from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_si
 # precision name -> autocast dtype (None: fp32 tensors; "fp32" is the path parity is measured on, "tf32" the same
 # network with TF32 tensor-core math for its matrix products and convolutions, on CUDA)
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LAYOUT_LOCK = threading.Lock()  # GeneralizedRCNN._lay_out_convs: one conversion at a time
 
 
 def _check_precision_name(precision: Any) -> None:
@@ -62,18 +64,31 @@ def check_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+_TF32_LOCK = threading.Lock()
+_tf32_calls = 0  # forward passes inside _tf32() now, in any thread
+_tf32_saved: Optional[tuple[str, bool]] = None  # PyTorch's settings as the first of them found them
+
+
 @contextlib.contextmanager
 def _tf32() -> Iterator[None]:
     """TF32 for fp32 matrix products and convolutions inside the block, PyTorch's settings restored after.
-    They are process-wide: another thread's CUDA work during the block gets TF32 too."""
-    matmul, conv = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
+    They are process-wide: another thread's CUDA work during the block gets TF32 too. Overlapping blocks (threads
+    sharing a model) keep TF32 on until the last one ends, which restores what the first one found."""
+    global _tf32_calls, _tf32_saved
+    with _TF32_LOCK:
+        if _tf32_calls == 0:
+            _tf32_saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.allow_tf32 = True
+        _tf32_calls += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = conv
+        with _TF32_LOCK:
+            _tf32_calls -= 1
+            if _tf32_calls == 0 and _tf32_saved is not None:
+                torch.set_float32_matmul_precision(_tf32_saved[0])
+                torch.backends.cudnn.allow_tf32 = _tf32_saved[1]
 
 
 def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device: torch.device) -> None:
@@ -271,12 +286,16 @@ class GeneralizedRCNN(nn.Module):
         fast = self.uses_fast_convs(device)
         layout = torch.channels_last if fast else torch.contiguous_format
         if self._convs_laid_out_fast != fast:
-            with torch.inference_mode(False):  # weights converted in predict's inference mode could not train
-                self.to(memory_format=layout)
-            for m in self.modules():
-                if isinstance(m, Conv2d):
-                    m.fold_norm = fast
-            self._convs_laid_out_fast = fast
+            # threads sharing the model: one converts while the others wait (a weight swapped under a running
+            # convolution is not safe)
+            with _LAYOUT_LOCK:
+                if self._convs_laid_out_fast != fast:
+                    with torch.inference_mode(False):  # weights converted in predict's inference mode could not train
+                        self.to(memory_format=layout)
+                    for m in self.modules():
+                        if isinstance(m, Conv2d):
+                            m.fold_norm = fast
+                    self._convs_laid_out_fast = fast
         return layout
 
     def uses_static_shapes(self, device: torch.device) -> bool:
@@ -357,12 +376,10 @@ class GeneralizedRCNN(nn.Module):
         yet."""
         if self.uses_static_shapes(batch.tensor.device):
             if self.cuda_graphs and batch.tensor.is_cuda:
-                self._lay_out_convs(batch.tensor.device)  # before the cache: a layout change drops it
-                if self._graph_cache is None:
-                    from .graphs import GraphCache
+                from .graphs import graph_cache
 
-                    self._graph_cache = GraphCache(self)
-                return self._deliver(self._graph_cache.run(self, batch), batch, copy=True)
+                self._lay_out_convs(batch.tensor.device)  # before the cache: a layout change drops it
+                return graph_cache(self).run(self, batch, take=lambda final: self._deliver(final, batch, copy=True))
             return self._detect_static(batch)[3]
         return self.postprocess(self.forward(batch.tensor, batch.image_sizes), batch)
 

@@ -7,8 +7,10 @@ cache; the image sizes travel as a device tensor (GeneralizedRCNN.size_table), s
 pads to one shape shares a graph. A shape is captured the second time it is seen (a capture costs
 about three forward passes, which inputs of a one-off shape would never earn back; those run eagerly),
 and once the cache is full only a shape used more often than a held one displaces it.
-All graphs share one memory pool. That is safe because replays never overlap and callers copy a replay's
-outputs (GeneralizedRCNN.detect clones them) before the next replay may reuse the pool.
+All graphs share one memory pool. That is safe because replays never overlap: a cache holds its lock from
+a replay's input copy until its caller has copied the outputs (GraphCache.run's `take`), and on CUDA the
+next replay's stream waits for that copy, so threads sharing one model (a server), each on its own stream,
+never see or overwrite each other's buffers.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -26,6 +28,8 @@ from .roi_heads import InstanceBatch
 # per-batch counts a cache keeps: replayed from a graph, run eagerly (not yet or not worth a graph, or its
 # capture failed), graphs captured, graphs dropped for a more used signature
 STAT_NAMES = ("replays", "eager", "captures", "evictions")
+
+T = TypeVar("T")
 
 
 class _Held:
@@ -66,6 +70,8 @@ class GraphCache:
         self._failed: set[tuple] = set()
         self._versions: Optional[tuple] = None  # the weights' versions in the keys held
         self._pool: Optional[Any] = None
+        self._lock = threading.Lock()  # bookkeeping, captures and replay-to-copy spans: one thread at a time
+        self._copied: Optional[Any] = None  # CUDA event: the last replay's outputs copied (the buffers free again)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -78,35 +84,62 @@ class GraphCache:
         return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""),
                 model.graph_settings(), weights)
 
-    def run(self, model, batch) -> InstanceBatch:
-        """Compacted fixed-shape detections for `batch`, replayed from its signature's graph if one is held
-        or now earns one (see the class docstring); otherwise run eagerly.
+    def run(self, model, batch, take: Callable[[InstanceBatch], T]) -> T:
+        """`take` applied to the compacted fixed-shape detections for `batch`, replayed from its signature's
+        graph if one is held or now earns one (see the class docstring); otherwise run eagerly.
 
-        The returned tensors belong to the graph: copy what you keep before the next call.
-        Falls back to running eagerly (with one warning) where a capture fails.
+        `take` gets tensors that belong to the graph: it must return copies of what it keeps. No other call
+        replays meanwhile (see the module docstring). Falls back to running eagerly (with one warning) where a
+        capture fails.
         """
+        sizes = model.size_table(batch)
+        with self._lock:
+            held = self._choose(model, batch, sizes)
+            if held is not None:
+                return self._replay(held, batch.tensor, sizes, take)
+        # no graph buffers involved: other threads may replay meanwhile
+        return take(_compacted(model, batch.tensor, sizes))
+
+    def _choose(self, model, batch, sizes: torch.Tensor) -> Optional[_Held]:
+        """Count a use of `batch`'s signature; its graph (captured now if it has earned one), or None: run
+        eagerly."""
         key = self._key(model, batch)
         if key[-1] != self._versions:  # weights changed in place: no held graph can match again
             self._graphs.clear()
             self._seen.clear()
             self._failed.clear()
             self._versions = key[-1]
-        sizes = model.size_table(batch)
         self._age()
         held = self._graphs.get(key)
         if held is not None:
             held.uses += 1
         elif key not in self._failed:
+            self._after_last_copy(batch.tensor)  # a capture allocates from the pool the last replay used
             held = self._admit(key, model, batch.tensor, sizes)
         if held is None:
             self.stats["eager"] += 1
-            return _compacted(model, batch.tensor, sizes)
+            return None
         self.stats["replays"] += 1
         self._graphs.move_to_end(key)
-        held.images.copy_(batch.tensor)
+        return held
+
+    def _replay(self, held: _Held, images: torch.Tensor, sizes: torch.Tensor,
+                take: Callable[[InstanceBatch], T]) -> T:
+        self._after_last_copy(images)
+        held.images.copy_(images)
         held.sizes.copy_(sizes)
         held.graph.replay()
-        return held.out
+        result = take(held.out)
+        if images.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(images.device))
+        return result
+
+    def _after_last_copy(self, images: torch.Tensor) -> None:
+        """Make this thread's stream wait until the last replay's outputs were copied (another thread's stream
+        may still be copying them when its call has returned)."""
+        if images.is_cuda and self._copied is not None:
+            torch.cuda.current_stream(images.device).wait_event(self._copied)
 
     def _age(self) -> None:
         self._runs += 1
@@ -174,6 +207,18 @@ class GraphCache:
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _CAPTURE_LOCK = threading.Lock()
+_NEW_CACHE_LOCK = threading.Lock()
+
+
+def graph_cache(model) -> GraphCache:
+    """`model`'s GraphCache, made on first use (once, whichever threads ask at the same time)."""
+    cache = model._graph_cache
+    if cache is None:
+        with _NEW_CACHE_LOCK:
+            cache = model._graph_cache
+            if cache is None:
+                cache = model._graph_cache = GraphCache(model)
+    return cache
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:

@@ -93,12 +93,12 @@ phase=${1:-all}
 case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac
 if [ "$phase" = Q ]; then
   kernel_tests 60
-  kernel_sweep 70
+  kernel_sweep 60
   kernel_bench 50
   headline_bench 75
   others_bench 90 --no-torchvision --variants fp32+graphs+fused,tf32+graphs+fused,fp16+graphs+fused
   tf32_parity 70
-  static_tests 45
+  static_tests 55
   cat "$summary"
   exit 0
 fi

@@ -13,6 +13,7 @@ import functools
 import os
 import random
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -630,6 +631,38 @@ def test_cuda_graphs_serve_threads_on_their_own_streams():
             same(want, d)
     assert m.cuda_graph_stats()["replays"] >= 40
     m.cuda_graphs = False
+
+
+@cuda
+def test_cuda_graphs_capture_while_other_threads_allocate():
+    # in PyTorch's default capture mode another thread's cudaMalloc during a capture fails that thread's call and
+    # the capture (which then falls back to eager for good): a server's first requests capture while others run
+    m = small_synthetic_model("mask_rcnn_R_50_FPN_3x").cuda()
+    m.static_shapes, m.cuda_graphs = True, True
+    other = small_synthetic_model("faster_rcnn_R_50_FPN_3x").cuda()  # eager
+    g = _image("grace_hopper")
+    shapes = [g, g[:300].copy(), g[:, :400].copy(), g[:200, :300].copy()]  # four padded shapes
+    done = threading.Event()
+
+    def allocate():  # on the default stream, as a request thread would
+        runs = 0
+        while not done.is_set() or runs == 0:
+            torch.cuda.empty_cache()  # the next run allocates anew
+            other.predict(g[: 100 + 37 * (runs % 9)].copy())
+            runs += 1
+        return runs
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(allocate)
+        try:
+            got = [[m.predict(im) for _ in range(2)][-1] for im in shapes]  # each shape's second use captures
+        finally:
+            done.set()
+        assert running.result() > 0
+    assert m.cuda_graph_stats()["captures"] == 4 and not m._graph_cache._failed
+    m.cuda_graphs = False
+    for im, d in zip(shapes, got):
+        _assert_same(m.predict(im), d, mask_pixels=1e-4)
 
 
 @cuda

@@ -195,7 +195,10 @@ class GraphCache:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            # thread_local: PyTorch's default ("global") fails a capture, and the other thread's call, when another
+            # thread allocates GPU memory meanwhile (a server's first requests capture while others run); their
+            # work goes to other streams, which a capture does not record
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 out = _compacted(model, static_in, static_sizes)
         except Exception as e:  # e.g. ZOO_OPS=torch, whose NMS reads values on the host
             _reset_rng_after_failed_capture(static_in.device)
@@ -242,7 +245,7 @@ def _reset_rng_after_failed_capture(device: torch.device) -> None:
         t = torch.zeros(1, device=device)
         with torch.cuda.device(device):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 t.add_(1)
         del graph
     except Exception as e:  # leave the original failure as the one reported

@@ -1,4 +1,4 @@
-"""Several real processes fetching at once, with and without working locks; a download killed mid-way."""
+"""Several real processes (and threads) fetching at once, with and without working locks; a download killed mid-way."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,26 @@ def test_four_processes_download_once(server, hub_env):
     assert len(full) == 1 and server.bytes_sent(path) == size
     assert leftovers(Path(results[0]["path"])) == []
     assert cache.read_pins() == {path.strip("/"): want}
+
+
+def test_four_threads_download_once(server, hub_env):
+    # a server's request threads may ask for one model at once: the lock must hold between threads of one process
+    size = 1_000_000
+    data, name = make_blob(size, 14)
+    path = "/detectron2/COCO-Detection/x/4/" + name
+    url = server.add(path, data, always={"rate": 2_000_000})  # ~0.5 s: the four overlap
+    start = threading.Barrier(4)
+
+    def get(_):
+        start.wait()
+        return fetch(url)
+
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(get, range(4)))
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == data
+    full = [r for r in server.requests(path) if r.status == 200]
+    assert len(full) == 1 and server.bytes_sent(path) == size
+    assert leftovers(paths[0]) == []
 
 
 def test_four_processes_without_working_locks_still_agree(server, hub_env):

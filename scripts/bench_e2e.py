@@ -79,19 +79,34 @@ def synth_model(name: str, device: torch.device):
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
-    """'bf16+graphs' -> ('bf16', ['graphs']): the precision, then flags (graphs, dynamic, fused, torchops)."""
+    """'bf16+graphs' -> ('bf16', ['graphs']): the precision, then flags (graphs, dynamic, fused, cudnnbench,
+    torchops)."""
     prec, *flags = variant.split("+")
+    return prec, flags
+
+
+VARIANT_FLAGS = ("graphs", "dynamic", "fused", "cudnnbench", "torchops")
+
+
+def check_variant(variant: str) -> tuple[str, list[str]]:
+    """parse_variant, exiting with a message on an unknown precision or flag."""
+    prec, flags = parse_variant(variant)
+    if prec not in ("fp32", "tf32", "bf16", "fp16"):
+        raise SystemExit(f"unknown precision {prec!r} in {variant!r}; use fp32, tf32, bf16 or fp16")
+    unknown = set(flags) - set(VARIANT_FLAGS)
+    if unknown:
+        raise SystemExit(f"unknown variant flag(s) {', '.join(sorted(unknown))} in {variant!r}; "
+                         f"use {', '.join(VARIANT_FLAGS)}")
     return prec, flags
 
 
 def apply_variant(model, variant: str) -> list[str]:
     """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic', '+fused' for
-    cudnn_fusion); returns its flags."""
-    prec, flags = parse_variant(variant)
-    unknown = set(flags) - {"graphs", "dynamic", "fused", "torchops"}
-    if unknown:
-        raise SystemExit(f"unknown variant flag(s) {', '.join(sorted(unknown))} in {variant!r}; "
-                         "use graphs, dynamic, fused or torchops")
+    cudnn_fusion, '+cudnnbench' for PyTorch's process-wide cudnn.benchmark); returns its flags."""
+    prec, flags = check_variant(variant)
+    # cuDNN times its algorithms for each new shape and keeps the fastest (Detectron2's inference leaves it off,
+    # as PyTorch does); only measured here so far, not a model setting
+    torch.backends.cudnn.benchmark = "cudnnbench" in flags
     model.clear_cuda_graphs()  # an earlier variant's graphs would hold memory and count in this one's peak
     model.precision = prec
     model.cuda_graphs = "graphs" in flags
@@ -166,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "fp16+graphs+fused",
                     help="zoo variants to time: a precision (fp32, tf32, bf16, fp16), '+graphs' for CUDA graphs, "
                          "'+dynamic' for the dynamic (host-synchronising) path, '+fused' for cuDNN's fused "
-                         "conv-bias-add-relu (cudnn_fusion), '+torchops' for ZOO_OPS=torch")
+                         "conv-bias-add-relu (cudnn_fusion), '+cudnnbench' for torch.backends.cudnn.benchmark, "
+                         "'+torchops' for ZOO_OPS=torch")
     ap.add_argument("--no-torchvision", action="store_true", help="skip torchvision's counterparts")
     ap.add_argument("--quick", action="store_true",
                     help="tiny default counts: 3 timed runs, 1 warm-up, 1 batched run (explicit counts still win)")

@@ -61,6 +61,14 @@ def test_gpu_session_phase_fits_the_device_call(phase, tmp_path):
     assert steps and sum(map(int, steps)) == GPU_PHASE_SECONDS[phase]
     assert summary.count(": rc=0 in ") == len(steps)
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # the device tool brings back at most 8 files
+    # a variant that bench_e2e (or profile/memory_e2e, which share its parser) rejects would waste its step
+    bench_e2e = import_script("bench_e2e")
+    commands = [line for line in re.findall(r"^=== \S+ \(timeout \d+s\): (.*)$", summary, re.M)
+                if re.search(r"(bench|profile|memory)_e2e\.py", line)]
+    variants = [v for cmd in commands for arg in re.findall(r"--variants? (\S+)", cmd) for v in arg.split(",")]
+    assert variants or phase == "A"  # A's headline step times bench_e2e's default variants
+    for v in variants:
+        bench_e2e.check_variant(v)
 
 
 def test_gpu_session_unknown_phase(tmp_path):
@@ -73,7 +81,8 @@ def test_bench_e2e_on_cpu(tmp_path):
     # one run per column: the counts are set explicitly, and the table's ms/image run gives the detections
     run_script("scripts/bench_e2e.py", "--device", "cpu", "--quick", "--iters", "1", "--warmup", "0",
                "--batch-iters", "1", "--batch-warmup", "0", "--batch", "1", "--min-size", "400",
-               "--models", MODEL, "--variants", "fp32,bf16,fp32+graphs,fp32+fused,tf32", "--out", str(out))
+               "--models", MODEL, "--variants", "fp32,bf16,fp32+graphs,fp32+fused,fp32+cudnnbench,tf32",
+               "--out", str(out))
     text = out.read_text()
     cells = table_row(text, MODEL, "zoo fp32")
     assert float(cells[2]) > 0 and float(cells[5]) > 0  # ms/image, images/s
@@ -83,6 +92,7 @@ def test_bench_e2e_on_cpu(tmp_path):
     assert "image 469x400;" in text  # grace_hopper (600x512) at --min-size 400, as the model would resize it
     assert f"{MODEL} fp32+graphs: skipped (needs CUDA)" in text
     assert table_row(text, MODEL, "zoo fp32+fused")[-1] == "100%"  # the switch leaves CPU results as they are
+    assert table_row(text, MODEL, "zoo fp32+cudnnbench")[-1] == "100%"  # so does cuDNN's autotuner (CUDA only)
     assert f"{MODEL} tf32: skipped (needs CUDA)" in text
 
 

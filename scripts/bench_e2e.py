@@ -100,12 +100,20 @@ def check_variant(variant: str) -> tuple[str, list[str]]:
     return prec, flags
 
 
+def check_variants(variants: list[str]) -> None:
+    """check_variant for each; '+cudnnbench' on all of them or on none (exits with a message otherwise)."""
+    if len({"cudnnbench" in check_variant(v)[1] for v in variants}) > 1:
+        raise SystemExit("time '+cudnnbench' variants in a bench_e2e run of their own: PyTorch keeps the cuDNN "
+                         "algorithm it first picks for each convolution shape, with or without cudnn.benchmark, "
+                         "so variants sharing a process would share those picks")
+
+
 def apply_variant(model, variant: str) -> list[str]:
     """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic', '+fused' for
     cudnn_fusion, '+cudnnbench' for PyTorch's process-wide cudnn.benchmark); returns its flags."""
     prec, flags = check_variant(variant)
     # cuDNN times its algorithms for each new shape and keeps the fastest (Detectron2's inference leaves it off,
-    # as PyTorch does); only measured here so far, not a model setting
+    # as PyTorch does); only measured here so far, not a model setting (check_variants keeps it to runs of its own)
     torch.backends.cudnn.benchmark = "cudnnbench" in flags
     model.clear_cuda_graphs()  # an earlier variant's graphs would hold memory and count in this one's peak
     model.precision = prec
@@ -201,6 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--iters and --batch-iters must be at least 1, --warmup and --batch-warmup at least 0")
     if args.min_size < 32:
         raise SystemExit(f"--min-size must be at least 32 pixels, got {args.min_size}")
+    variants = [p.strip() for p in args.variants.split(",") if p.strip()]
+    check_variants(variants)
 
     notes: list[str] = []
     lines: list[str] = []
@@ -227,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = synth_model(name, device)
             model.min_size_test = args.min_size
             ref = None  # the first fp32 variant's detections
-            for variant in [p.strip() for p in args.variants.split(",") if p.strip()]:
+            for variant in variants:
                 prec, flags = parse_variant(variant)
                 if device.type != "cuda" and (prec in ("fp16", "tf32") or "graphs" in flags):
                     notes.append(f"{name} {variant}: skipped (needs CUDA)")

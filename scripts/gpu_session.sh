@@ -100,13 +100,13 @@ phase=${1:-all}
 case $phase in A|B|Q|R|all) ;; *) echo "usage: gpu_session.sh [Q|R|A|B|all]" >&2; exit 2 ;; esac
 if [ "$phase" = Q ]; then
   kernel_tests 60
-  kernel_sweep 50
+  kernel_sweep 45
   kernel_bench 50
   headline_bench 60 --variants "$DECIDE"
   others_bench 90 --no-torchvision --variants fp32+graphs+fused,tf32+graphs+fused,fp16+graphs+fused
   cudnn_bench 30
   tf32_parity 70
-  static_tests 50
+  static_tests 55
   cat "$summary"
   exit 0
 fi

@@ -194,6 +194,32 @@ def test_graph_cache_captures_a_signature_on_its_second_use(monkeypatch):
         assert captures == [shape[id(a)]]
 
 
+def test_a_graph_keeps_the_cached_tensors_it_reads(monkeypatch):
+    # a CUDA graph records addresses: the grid anchors (a cache of 17 shapes) and folded conv weights (refolded on a
+    # precision change) it read must stay allocated while it is held, or a replay reads freed, reused memory
+    from zoo.modeling.graphs import GraphCache
+    from zoo.modeling.layers import Conv2d
+
+    def capture(self, model, images, sizes):
+        out = model.compact_static(model.run_static(images, sizes)[2], sizes)
+        return SimpleNamespace(replay=lambda: None), images.clone(), sizes.clone(), out
+
+    monkeypatch.setattr(GraphCache, "_capture", capture)
+    m = _tiny("mask_rcnn_R_50_FPN_3x")
+    m.fast_convs = True  # folded copies, as on CUDA
+    cache = GraphCache(m)
+    with torch.inference_mode():
+        a = m.preprocess([_image("grace_hopper")])
+        for _ in range(2):  # the second use captures
+            cache.run(m, a, _as_is)
+    (held,) = cache._graphs.values()
+    anchors = m.proposal_generator.anchor_generator.cached_tensors()
+    folded = [t for c in m.modules() if isinstance(c, Conv2d) and c.norm is not None for t in c.cached_tensors()]
+    assert anchors and len(folded) >= 2 * 50  # weight and bias of every folded conv of the backbone
+    kept = {id(t) for t in held.keep}
+    assert all(id(t) in kept for t in anchors + folded)
+
+
 class _ShapeStream:
     """Stand-in model and capture for GraphCache's bookkeeping alone: a batch is its shape's name, a run is
     "eager" or "graph", no network."""
@@ -202,6 +228,9 @@ class _ShapeStream:
         return iter(())
 
     buffers = parameters
+
+    def tensors_in_caches(self):
+        return []
 
     def size_table(self, batch):
         return torch.zeros(1)
@@ -663,6 +692,38 @@ def test_cuda_graphs_capture_while_other_threads_allocate():
     m.cuda_graphs = False
     for im, d in zip(shapes, got):
         _assert_same(m.predict(im), d, mask_pixels=1e-4)
+
+
+@cuda
+def test_cuda_graph_replays_outlive_the_caches_dropping_what_they_read():
+    # more padded shapes than the anchor cache holds (it clears at 17), and a precision change that refolds the convs
+    # (freeing the fp32 copies): a graph captured before must still replay what an eager run gives
+    m = small_synthetic_model("mask_rcnn_R_50_FPN_3x").cuda()
+    m.static_shapes = True
+    g = _image("grace_hopper")
+    want = m.predict(g)
+    m.cuda_graphs = True
+    [m.predict(g) for _ in range(2)]  # the second use captures
+    with torch.inference_mode():
+        seen, others = {tuple(m.preprocess([g]).tensor.shape)}, []
+        for crop in (g[:h, :w] for h in range(40, 601, 20) for w in (120, 200, 300)):
+            shape = tuple(m.preprocess([crop]).tensor.shape)
+            if shape not in seen:
+                seen.add(shape)
+                others.append(crop.copy())
+    assert len(others) >= 20  # padded shapes other than g's
+    for im in others:  # each runs eagerly once
+        m.predict(im)
+    m.precision = "bf16"
+    m.predict(g)  # a signature of its own, run eagerly: refolds the convs in bf16
+    m.precision = "fp32"
+    junk = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(256)]  # takes what was freed
+    replays = m.cuda_graph_stats()["replays"]
+    got = m.predict(g)
+    assert m.cuda_graph_stats()["replays"] == replays + 1
+    _assert_same(want, got, mask_pixels=1e-4)
+    del junk
+    m.cuda_graphs = False
 
 
 @cuda

@@ -70,6 +70,10 @@ class AnchorGenerator(nn.Module):
         self._cache[key] = out
         return out
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The grid anchors held now (see GeneralizedRCNN.tensors_in_caches)."""
+        return [t for level in self._cache.values() for t in level]
+
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Anchors for each feature map."""
         return self.grid_anchors([tuple(f.shape[-2:]) for f in features])

@@ -188,6 +188,13 @@ class GeneralizedRCNN(nn.Module):
         self._convs_laid_out_fast = None  # a cast may also have changed the weights' memory format
         return super()._apply(fn, recurse)
 
+    def tensors_in_caches(self) -> list[torch.Tensor]:
+        """Tensors that forward passes read from the modules' caches (grid anchors, folded conv weights) rather than
+        from parameters and buffers. A cache may drop or rebuild them at any time (the anchors' holds 17 shapes, a
+        precision change refolds the convs); a CUDA graph that read them keeps these references, so that its
+        replays never read memory that was freed and reused. A new cache of tensors must be listed here."""
+        return [t for m in self.modules() if hasattr(m, "cached_tensors") for t in m.cached_tensors()]
+
     def clear_cuda_graphs(self) -> None:
         """Drop the captured CUDA graphs and their memory pool (shapes are captured again on later use)."""
         self._graph_cache = None

@@ -33,12 +33,15 @@ T = TypeVar("T")
 
 
 class _Held:
-    """A captured graph, its input and output buffers, and how often its signature has been used (decayed)."""
-    __slots__ = ("graph", "images", "sizes", "out", "uses")
+    """A captured graph, its input and output buffers, how often its signature has been used (decayed), and the
+    model's cached tensors at its capture (`keep`: a graph records addresses, not references, so the anchors and
+    folded weights it reads must outlive the model's caches dropping them)."""
+    __slots__ = ("graph", "images", "sizes", "out", "uses", "keep")
 
-    def __init__(self, entry: tuple, uses: int) -> None:
+    def __init__(self, entry: tuple, uses: int, keep: list) -> None:
         self.graph, self.images, self.sizes, self.out = entry
         self.uses = uses
+        self.keep = keep
 
 
 class GraphCache:
@@ -171,7 +174,8 @@ class GraphCache:
             del self._graphs[victim]
             self.stats["evictions"] += 1
         self.stats["captures"] += 1
-        held = self._graphs[key] = _Held(entry, uses=n)  # its count so far, or a newcomer would displace it
+        # uses: its count so far, or a newcomer would displace it
+        held = self._graphs[key] = _Held(entry, uses=n, keep=model.tensors_in_caches())
         return held
 
     def _capture(self, model, images: torch.Tensor, sizes: torch.Tensor):

@@ -110,6 +110,10 @@ class Conv2d(nn.Conv2d):
         w, b = self._folded_params(x.device.type)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The folded weight and bias copies held now (see GeneralizedRCNN.tensors_in_caches)."""
+        return [t for t in self._folded or () if t is not None]
+
     def _apply(self, fn, recurse: bool = True):  # drop the cache when moved or cast
         self._fold_key = None
         self._folded = None

@@ -117,7 +117,6 @@ class GraphCache:
         if held is not None:
             held.uses += 1
         elif key not in self._failed:
-            self._after_last_copy(batch.tensor)  # a capture allocates from the pool the last replay used
             held = self._admit(key, model, batch.tensor, sizes)
         if held is None:
             self.stats["eager"] += 1
@@ -166,6 +165,7 @@ class GraphCache:
             while len(self._seen) > self.max_seen:
                 self._seen.popitem(last=False)
             return None
+        self._after_last_copy(images)  # a capture allocates from the pool the last replay used
         entry = self._capture(model, images, sizes)
         if entry is None:
             self._failed.add(key)

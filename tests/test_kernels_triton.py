@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -560,3 +561,26 @@ def test_batched_nms_fixed_solves_groups_independently(K, backend, shared_idxs):
             gi = idxs if shared_idxs else idxs[g]
             o, c, d = ops.batched_nms_fixed(boxes[g], scores[g], gi, valid[g], 0.5, 20, capacity, backend="torch")
             assert torch.equal(out[g], o) and int(cnt[g]) == int(c) and bool(complete[g]) == bool(d), (g, capacity)
+
+
+def test_kernels_from_several_threads_at_once(K):
+    # threads sharing a model launch kernels at the same time; the interpreter patches triton.language while a kernel
+    # runs, and without zoo's launch lock 20 of 24 such runs raised
+    gen = torch.Generator().manual_seed(41)
+    feat = torch.randn(1, 16, 24, 32, generator=gen)
+    rois = _rois(gen, 1, 24, 32, 0.25)
+    boxes = torch.rand(120, 4, generator=gen) * 50
+    boxes[:, 2:] += boxes[:, :2] + 1
+    scores = torch.rand(120, generator=gen)
+    masks = torch.rand(6, 14, 14, generator=gen)
+    paste_boxes = torch.tensor([[2.0, 3.0, 30.0, 25.0]]).repeat(6, 1)
+    jobs = [
+        lambda: ops.roi_align(feat, rois, (7, 7), 0.25, 0, True, backend="triton"),
+        lambda: ops.nms(boxes, scores, 0.5, backend="triton"),
+        lambda: K.paste_masks(masks, paste_boxes, (40, 48), 0.5),
+    ]
+    want = [job() for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: jobs[i % 3](), range(18)))
+    for i, g in enumerate(got):
+        assert torch.equal(g, want[i % 3]), i

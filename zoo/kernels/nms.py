@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zoo.kernels.launch import LAUNCH_LOCK
 from zoo.ops import reference
 
 _WORD = 64
@@ -218,18 +219,19 @@ def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float,
     thr_t = torch.tensor([thr], dtype=cdt, device=dev) if cdt == torch.float64 else sb
     mask = torch.empty((groups, n, n_words), dtype=torch.int64, device=dev)
     n_ptr = out if live is None else live  # unused without N_FROM_PTR
-    _nms_mask_kernel[(n_words, n_words, groups)](sb, order if cls is None else cls, thr, thr_t, mask,
-                                                 n, n_ptr, n_words, USE_CLASS=cls is not None,
-                                                 THR_FROM_PTR=cdt == torch.float64,
-                                                 N_FROM_PTR=live is not None, BLOCK=_WORD,
-                                                 num_warps=_mask_warps(cdt), enable_fp_fusion=False)
     removed = torch.zeros((groups, n_words), dtype=torch.int64, device=dev)
     # One warp per problem: the per-box steps are scalar chains.
     block_w, warps = _SCAN.get() or (16, 1)  # 16 x 1: no spill on sm_90 (test_kernels_compile)
     block_w = min(block_w, triton.next_power_of_2(n_words))
-    _nms_scan_kernel[(groups,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
-                                N_FROM_PTR=live is not None, STOP_AT_MAX=max_out < n, BLOCK_W=block_w,
-                                num_warps=warps)
+    with LAUNCH_LOCK:
+        _nms_mask_kernel[(n_words, n_words, groups)](sb, order if cls is None else cls, thr, thr_t, mask,
+                                                     n, n_ptr, n_words, USE_CLASS=cls is not None,
+                                                     THR_FROM_PTR=cdt == torch.float64,
+                                                     N_FROM_PTR=live is not None, BLOCK=_WORD,
+                                                     num_warps=_mask_warps(cdt), enable_fp_fusion=False)
+        _nms_scan_kernel[(groups,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
+                                    N_FROM_PTR=live is not None, STOP_AT_MAX=max_out < n, BLOCK_W=block_w,
+                                    num_warps=warps)
     return (out[0], count[0]) if single else (out, count)
 
 

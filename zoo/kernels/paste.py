@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zoo.kernels.launch import LAUNCH_LOCK
+
 _BLOCK_H = 16
 _BLOCK_W = 64
 
@@ -105,7 +107,8 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int],
         raise ValueError(f"paste_masks expects masks [N,M,M] and boxes [N,4], got "
                          f"{tuple(masks.shape)} and {tuple(boxes.shape)}")
     grid = (n, triton.cdiv(h, _BLOCK_H), triton.cdiv(w, _BLOCK_W))
-    _paste_kernel[grid](masks.float().contiguous(), boxes.float().contiguous(), out, h, w,
-                        float(threshold), M=masks.shape[1], BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W,
-                        num_warps=4, enable_fp_fusion=False)
+    masks, boxes = masks.float().contiguous(), boxes.float().contiguous()
+    with LAUNCH_LOCK:
+        _paste_kernel[grid](masks, boxes, out, h, w, float(threshold), M=masks.shape[1], BLOCK_H=_BLOCK_H,
+                            BLOCK_W=_BLOCK_W, num_warps=4, enable_fp_fusion=False)
     return out.view(torch.bool)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zoo.kernels.launch import LAUNCH_LOCK
 from zoo.ops import reference
 from zoo.ops.reference import BoxesLike
 
@@ -329,11 +330,12 @@ def _launch(kernel, first: Tensor, rois: Tensor, C: int, ptrs: Sequence[Tensor],
     block_c, block_b, warps = _blocks(C, ph, pw)
     ptrs = list(ptrs) + [ptrs[0]] * (MAX_LEVELS - len(ptrs))
     grid = (K, triton.cdiv(C, block_c), triton.cdiv(ph * pw, block_b))
-    kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
-                 OH=oh, OW=ow, PH=ph, PW=pw, STRIDE=stride, ALIGNED=bool(aligned),
-                 NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,
-                 CHANNELS_LAST=channels_last, OUT_CHANNELS_LAST=out_channels_last, INTERPRET=_INTERPRET,
-                 num_warps=warps, enable_fp_fusion=False)
+    with LAUNCH_LOCK:
+        kernel[grid](first, rois, C, *ptrs, *a.H, *a.W, *a.s, *levels, max(int(sr), 0),
+                     OH=oh, OW=ow, PH=ph, PW=pw, STRIDE=stride, ALIGNED=bool(aligned),
+                     NUM_LEVELS=a.num_levels, BLOCK_C=block_c, BLOCK_B=block_b,
+                     CHANNELS_LAST=channels_last, OUT_CHANNELS_LAST=out_channels_last, INTERPRET=_INTERPRET,
+                     num_warps=warps, enable_fp_fusion=False)
 
 
 def _all_channels_last(feats: Sequence[Tensor]) -> bool:

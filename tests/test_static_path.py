@@ -678,8 +678,10 @@ def test_cuda_graphs_capture_while_other_threads_allocate():
     def allocate():  # on the default stream, as a request thread would
         runs = 0
         while not done.is_set() or runs == 0:
-            torch.cuda.empty_cache()  # the next run allocates anew
             other.predict(g[: 100 + 37 * (runs % 9)].copy())
+            # a larger block each time, so cudaMalloc runs (torch.cuda.empty_cache() would not do: PyTorch asserts
+            # there that no capture is underway, in any thread)
+            torch.empty((1 + runs % 128) << 20, dtype=torch.uint8, device="cuda")
             runs += 1
         return runs
 

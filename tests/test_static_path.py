@@ -334,6 +334,21 @@ def test_graph_cache_lets_one_thread_at_a_time_between_replay_and_copy():
     assert cache.stats["replays"] + cache.stats["eager"] == 120 and cache.stats["replays"] > 100, cache.stats
 
 
+def test_load_state_dict_drops_graphs_and_layout():
+    # assign=True replaces the tensors, which their versions do not show: graphs captured before would replay the
+    # old weights, and the new ones arrive in the state dict's memory format
+    m = _tiny("mask_rcnn_R_50_FPN_3x")
+    m.fast_convs = True
+    img = _image("grace_hopper")
+    before = m.predict(img)
+    assert m._convs_laid_out_fast is True
+    m._graph_cache = object()  # stands for captured graphs (a real capture needs CUDA)
+    m.load_state_dict({k: v.clone().contiguous() for k, v in m.state_dict().items()}, assign=True)
+    assert m._graph_cache is None and m._convs_laid_out_fast is None
+    _assert_same(before, m.predict(img))
+    assert m.backbone.bottom_up.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_copies_start_without_graphs(mask_fpn):
     import copy
     import pickle

@@ -91,6 +91,13 @@ def _tf32() -> Iterator[None]:
                 torch.backends.cudnn.allow_tf32 = _tf32_saved[1]
 
 
+def _after_load(model: GeneralizedRCNN, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook: a load with assign=True replaces tensors, which their versions do not show, so
+    drop the CUDA graphs (they would replay the old weights) and lay the weights out again on the next call."""
+    model._graph_cache = None
+    model._convs_laid_out_fast = None
+
+
 def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device: torch.device) -> None:
     """Raise InputError (saying what works) for CUDA graphs off CUDA or without the fixed-shape path."""
     if cuda_graphs and torch.device(device).type != "cuda":
@@ -171,6 +178,7 @@ class GeneralizedRCNN(nn.Module):
         # the parity suite has run with it on a GPU
         self.cudnn_fusion = False
         self._convs_laid_out_fast: Optional[bool] = None  # the fast_convs choice the weights are laid out for
+        self.register_load_state_dict_post_hook(_after_load)
         self.eval()
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -48,7 +48,8 @@ class GraphCache:
     """Captured graphs of `model.compact_static(model.run_static(...))`, keyed by input signature.
 
     One per model (GeneralizedRCNN drops it when moved or cast). Weights loaded or edited in place
-    after a capture are noticed through the tensors' versions; replacing a parameter object is not.
+    after a capture are noticed through the tensors' versions, and the model's load_state_dict drops its cache
+    (assign=True replaces tensors); replacing a parameter object by hand is not noticed.
 
     Which signatures hold a graph: each is counted per use (eagerly run ones too), and every
     `halve_every` runs all counts are halved, so they follow the recent mix. A signature is captured on

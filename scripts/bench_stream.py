@@ -12,7 +12,9 @@ folder, then times one model with the fixtures' synthetic weights over all of th
 --shapes N draws the images from N sizes that pad to N different inputs, the case that tests how the CUDA graph
 cache copes with more shapes than it holds. Each variant first runs untimed over the first images (with --shapes,
 one of each size): kernel compiles, cuDNN's choices; the graphs it captured are then dropped, so the timed pass
-pays for its own captures. The "host prep" line is decode + resize alone per image (GeneralizedRCNN.prepare),
+pays for its own captures. "matched" is the share of the first variant's detections (all images) that a variant
+also finds: same class, IoU >= 0.9 (graphs must give 100%: a check of their replays across many shapes). The
+"host prep" line is decode + resize alone per image (GeneralizedRCNN.prepare),
 the work the threads hide.
 
     python scripts/bench_stream.py [--model mask_rcnn_R_50_FPN_3x] [--device auto] [--count 64] [--batch 8]
@@ -80,6 +82,21 @@ def write_jpegs(folder: str, count: int, sizes: list[tuple[int, int]],
     return paths, list(first.values())
 
 
+def matched(ref: list, out: list) -> float:
+    """Share of `ref`'s detections, over all images, that `out` also has for that image: same class, IoU >= 0.9
+    (what bench_e2e's "matched" column counts)."""
+    from user_support import box_iou
+
+    hits = total = 0
+    for (rb, rl), (ob, ol) in zip(ref, out, strict=True):
+        total += len(rb)
+        if len(rb) and len(ob):
+            iou = box_iou(rb.double(), ob.double())
+            iou[rl[:, None] != ol[None, :]] = 0
+            hits += int((iou.max(dim=1).values >= 0.9).sum())
+    return hits / total if total else 1.0
+
+
 def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,13 +138,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     n, b = args.count, args.batch
     warm = min(n, b if args.quick else 2 * b)  # 2b: a full batch of each of the two image shapes
 
+    def boxes(det):  # what the "matched" column compares (masks of every image would not fit in memory)
+        return det.boxes.cpu(), det.labels.cpu()
+
     def loop(paths):
-        for p in paths:
-            model.predict(p)
+        return [boxes(model.predict(p)) for p in paths]
 
     def stream(paths, batch):
-        for _ in model.predict_iter(paths, batch_size=batch):
-            pass
+        return [boxes(d) for d in model.predict_iter(paths, batch_size=batch)]
 
     # name: (label, precision, CUDA graphs, run)
     table = {"loop": ("loop", "fp32", False, loop), "b1": ("stream b1", "fp32", False, lambda p: stream(p, 1)),
@@ -149,23 +167,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         warm_paths = one_each if args.shapes else paths[:warm]
         sample = paths[:32]  # decode + resize per image needs no more (it is ~20 ms each on one core)
         prep = timed(lambda: [model.prepare(p) for p in sample], torch.device("cpu")) / len(sample)
-        base = None
+        base = first = None
         for label, precision, graphs, fn in variants:
             model.precision, model.cuda_graphs = precision, graphs
             fn(warm_paths)
             model.clear_cuda_graphs()  # the timed pass pays for its own captures
-            s = timed(lambda: fn(paths), device)
-            base = base or s
+            out = []
+            s = timed(lambda: out.extend(fn(paths)), device)
+            base, first = base or s, first or out
             used = " ".join(f"{k} {v}" for k, v in model.cuda_graph_stats().items()) if graphs else ""
             rows.append(f"| {label} | {precision}{' graphs' if graphs else ''} | {n / s:.2f} | {1000 * s / n:.1f} "
-                        f"| {base / s:.2f} | {used} |")
+                        f"| {base / s:.2f} | {used} | {100 * matched(first, out):.1f}% |")
             print(rows[-1], flush=True)
         model.cuda_graphs = False
     what = (f"drawn from {len(sizes)} sizes that pad to {len(sizes)} input shapes" if args.shapes
             else "640x480 / 480x640")
     print(f"\n{args.model} on {where}, torch {torch.__version__}; {n} JPEGs ({what}), short side "
           f"{model.min_size_test}; synthetic weights\n")
-    print(f"| variant | precision | images/s | ms/image | vs {names[0]} | graphs |\n|---|---|---|---|---|---|")
+    print(f"| variant | precision | images/s | ms/image | vs {names[0]} | graphs | matched vs {names[0]} |\n"
+          "|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\nhost prep (decode + resize, one thread): {1000 * prep:.1f} ms/image (first {len(sample)} images)")
     return 0

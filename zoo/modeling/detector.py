@@ -92,10 +92,8 @@ def _tf32() -> Iterator[None]:
 
 
 def _after_load(model: GeneralizedRCNN, incompatible_keys: Any) -> None:
-    """load_state_dict post-hook: a load with assign=True replaces tensors, which their versions do not show, so
-    drop the CUDA graphs (they would replay the old weights) and lay the weights out again on the next call."""
-    model._graph_cache = None
-    model._convs_laid_out_fast = None
+    """load_state_dict post-hook: a load with assign=True replaces tensors, which their versions do not show."""
+    model._forget_weight_layout()
 
 
 def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device: torch.device) -> None:
@@ -191,10 +189,15 @@ class GeneralizedRCNN(nn.Module):
             raise InputError(f"{name} is True or False, not {value!r}")
         super().__setattr__(name, value)
 
-    def _apply(self, fn, recurse: bool = True):  # moved or cast: captured graphs point at the old tensors
-        self._graph_cache = None
-        self._convs_laid_out_fast = None  # a cast may also have changed the weights' memory format
+    def _apply(self, fn, recurse: bool = True):  # moved or cast
+        self._forget_weight_layout()
         return super()._apply(fn, recurse)
+
+    def _forget_weight_layout(self) -> None:
+        """The weights were replaced (moved, cast, loaded with assign=True): captured graphs point at the old
+        tensors, and the new ones may be in another memory format, so both are redone on the next call."""
+        self._graph_cache = None
+        self._convs_laid_out_fast = None
 
     def tensors_in_caches(self) -> list[torch.Tensor]:
         """Tensors that forward passes read from the modules' caches (grid anchors, folded conv weights) rather than
@@ -415,14 +418,14 @@ class GeneralizedRCNN(nn.Module):
             batch = self.preprocess(images)
             if self.uses_static_shapes(batch.tensor.device):
                 features, proposals, instances, unpasted = self._detect_static(batch)
-                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch(),
-                           [u.paste(self.mask_threshold) for u in unpasted])
+                tr = Trace(batch, features, proposals.unbatch(), instances.unbatch())
                 if not bool(instances.complete.all()):  # the detections were recomputed exactly
                     tr.instances = self.run(batch.tensor, batch.image_sizes).instances
-                return tr
-            tr = self.run(batch.tensor, batch.image_sizes)
-            tr.batch = batch
-            tr.detections = [u.paste(self.mask_threshold) for u in self.postprocess(tr.instances, batch)]
+            else:
+                tr = self.run(batch.tensor, batch.image_sizes)
+                tr.batch = batch
+                unpasted = self.postprocess(tr.instances, batch)
+            tr.detections = [u.paste(self.mask_threshold) for u in unpasted]
         return tr
 
     def predict(self, image: Any, *, batch_size: Optional[int] = None, exact: bool = True) -> Any:

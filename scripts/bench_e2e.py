@@ -90,9 +90,11 @@ VARIANT_FLAGS = ("graphs", "dynamic", "fused", "cudnnbench", "torchops")
 
 def check_variant(variant: str) -> tuple[str, list[str]]:
     """parse_variant, exiting with a message on an unknown precision or flag."""
+    from zoo.modeling.detector import PRECISIONS
+
     prec, flags = parse_variant(variant)
-    if prec not in ("fp32", "tf32", "bf16", "fp16"):
-        raise SystemExit(f"unknown precision {prec!r} in {variant!r}; use fp32, tf32, bf16 or fp16")
+    if prec not in PRECISIONS:
+        raise SystemExit(f"unknown precision {prec!r} in {variant!r}; use {', '.join(PRECISIONS)}")
     unknown = set(flags) - set(VARIANT_FLAGS)
     if unknown:
         raise SystemExit(f"unknown variant flag(s) {', '.join(sorted(unknown))} in {variant!r}; "

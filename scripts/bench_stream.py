@@ -85,15 +85,11 @@ def write_jpegs(folder: str, count: int, sizes: list[tuple[int, int]],
 def matched(ref: list, out: list) -> float:
     """Share of `ref`'s detections, over all images, that `out` also has for that image: same class, IoU >= 0.9
     (what bench_e2e's "matched" column counts)."""
-    from user_support import box_iou
+    from user_support import top_matched
 
-    hits = total = 0
-    for (rb, rl), (ob, ol) in zip(ref, out, strict=True):
-        total += len(rb)
-        if len(rb) and len(ob):
-            iou = box_iou(rb.double(), ob.double())
-            iou[rl[:, None] != ol[None, :]] = 0
-            hits += int((iou.max(dim=1).values >= 0.9).sum())
+    total = sum(len(r) for r in ref)
+    hits = sum(round(top_matched(r, o, len(r), 0.9) * len(r))
+               for r, o in zip(ref, out, strict=True) if len(r) and len(o))
     return hits / total if total else 1.0
 
 
@@ -129,6 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from user_support import baseline_state_dict
     from zoo.api import resolve_device
     from zoo.modeling import load_weights
+    from zoo.results import Detections
 
     device = resolve_device(args.device)
     model = zoo.get(args.model, pretrained=False, device="cpu", min_size=args.min_size)
@@ -139,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warm = min(n, b if args.quick else 2 * b)  # 2b: a full batch of each of the two image shapes
 
     def boxes(det):  # what the "matched" column compares (masks of every image would not fit in memory)
-        return det.boxes.cpu(), det.labels.cpu()
+        return Detections(det.boxes.cpu(), det.scores.cpu(), det.labels.cpu(), None, det.image_size)
 
     def loop(paths):
         return [boxes(model.predict(p)) for p in paths]

@@ -304,20 +304,42 @@ def test_nms_matches_torch(K, n, ties):
 
 
 def test_nms_any_scan_tile_gives_the_same_result(K):
-    """bench_kernels sweeps the scan's propagation width and warps: narrow tiles walk the later words in several
-    steps, and the kept set must not change."""
+    """bench_kernels sweeps the scan's propagation width, warps and block method: narrow tiles walk the later words
+    in several steps, and the kept set must not change."""
     NM = importlib.import_module("zoo.kernels.nms")
     gen = torch.Generator().manual_seed(21)
     boxes, scores = _boxes(gen, 600, False)  # 10 words
     ref = reference.nms(boxes, scores, 0.5)
     for tile in ((1, 1), (2, 2), (4, 1), (64, 4)):
-        with NM.forced_scan(*tile):
-            assert torch.equal(K.nms(boxes, scores, 0.5), ref), tile
-            idx, cnt = K.nms_fixed(boxes, scores, 0.5, 100)  # the early-stop loop
-            assert int(cnt) == 100 and torch.equal(idx, ref[:100]), tile
+        for method in NM.SCAN_METHODS:
+            with NM.forced_scan(*tile, method):
+                assert torch.equal(K.nms(boxes, scores, 0.5), ref), (tile, method)
+                idx, cnt = K.nms_fixed(boxes, scores, 0.5, 100)  # the early-stop loop
+                assert int(cnt) == 100 and torch.equal(idx, ref[:100]), (tile, method)
     with pytest.raises(ValueError, match="powers of two"):
         with NM.forced_scan(3, 1):
             pass
+    with pytest.raises(ValueError, match="method must be one of"):
+        with NM.forced_scan(16, 1, "parallel"):
+            pass
+
+
+@pytest.mark.parametrize("method", ["serial", "fixpoint"])
+def test_nms_long_suppression_chains(K, method):
+    """A row of boxes, each overlapping the next (IoU 0.6) but not the one after (0.33), scored in order: greedy NMS
+    keeps every other box, as the chain resolves one link at a time (the fixpoint method's worst case: a round
+    per link, 64 in a block), also across blocks and with a second chain interleaved in the score order."""
+    NM = importlib.import_module("zoo.kernels.nms")
+    x = torch.arange(150, dtype=torch.float32) * 2.5
+    row = torch.stack([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], 1)
+    boxes = torch.cat([row, row + torch.tensor([0.0, 100, 0, 100])])  # a second chain far below the first
+    scores = torch.cat([1 - torch.arange(150) / 150, 1 - (torch.arange(150) + 0.5) / 150])
+    ref = reference.nms(boxes, scores, 0.5)
+    assert len(ref) == 150 and bool((ref % 150 % 2 == 0).all())  # the chains' even boxes
+    with NM.forced_scan(16, 1, method):
+        assert torch.equal(K.nms(boxes, scores, 0.5), ref)
+        idx, cnt = K.nms_fixed(boxes, scores, 0.5, 100)
+        assert int(cnt) == 100 and torch.equal(idx, ref[:100])
 
 
 def test_nms_iou_exactly_at_threshold(K):

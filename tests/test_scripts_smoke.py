@@ -169,7 +169,7 @@ def test_bench_kernels_sweep_under_the_interpreter():
     res = run_script("scripts/bench_kernels.py", "--sweep", "--tiny", "--only", "NMS n=", "--repeats", "1",
                      "--warmup", "1", env={"TRITON_INTERPRET": "1"})
     rows = [line for line in res.stdout.splitlines() if line.startswith("| NMS n=300")]
-    assert len(rows) == 9 and "16x1 (default)" in rows[0]
+    assert len(rows) == 10 and "16x1 fixpoint (default)" in rows[0] and any("16x1 serial |" in r for r in rows)
     assert all(line.rstrip(" |").endswith("yes") for line in rows)  # every scan tile keeps the same boxes
     if not torch.cuda.is_available():
         res = run_script("scripts/bench_kernels.py", "--sweep", rc=2)

@@ -2,8 +2,8 @@
 
 Boxes are sorted by score (stable, descending) on device; the mask kernel sets bit j
 of word (i, j // 64) when sorted box j > i overlaps box i above the threshold; the
-scan walks 64-box blocks in order, resolves each block in registers and ORs the kept
-rows into the removed set. Nothing leaves the device; only `nms`'s variable-length
+scan walks 64-box blocks in order, resolves each block in registers (see SCAN_METHODS)
+and ORs the kept rows into the removed set. Nothing leaves the device; only `nms`'s variable-length
 result needs the final count (like torchvision); `nms_fixed` is fully sync-free.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import triton
@@ -22,18 +22,39 @@ from zoo.kernels.launch import LAUNCH_LOCK
 from zoo.ops import reference
 
 _WORD = 64
-# (propagation tile width in words, warps) of the scan, when forced (see forced_scan)
-_SCAN: ContextVar[Optional[tuple[int, int]]] = ContextVar("zoo_nms_scan", default=None)
+# How the scan resolves a 64-box block: "serial" walks its rows in order; "fixpoint" repeats, for all rows at once,
+# "kept = not removed earlier and not overlapped by a kept row above", which reaches greedy NMS's answer in as
+# many rounds as the block's longest chain of suppressions (at most 64, usually a few)
+SCAN_METHODS = ("serial", "fixpoint")
+
+
+class Scan(NamedTuple):
+    """The scan's launch: ORs a block's kept rows into `width` later words at a time, on `warps` warps, resolving
+    each block by `method` (see SCAN_METHODS)."""
+    width: int
+    warps: int
+    method: str = "fixpoint"
+
+
+_SCAN: ContextVar[Optional[Scan]] = ContextVar("zoo_nms_scan", default=None)
+# One warp per problem: a block is one warp-wide OR per round (sm_90: REDUX.OR). No spill on sm_90
+# (test_kernels_compile). "fixpoint" over "serial": for sm_90 the serial 64 steps compile to ~1100 dependent
+# instructions per block with the later rows' loads inside the chain, a fixpoint round to ~25, and blocks of the
+# networks' NMS (RPN and box head, R50-FPN and R50-C4, synthetic weights) needed 1.6-2.8 rounds on average, 5 at
+# most. Not yet timed on a GPU: bench_kernels --sweep times both.
+_DEFAULT_SCAN = Scan(16, 1, "fixpoint")
 
 
 @contextlib.contextmanager
-def forced_scan(block_w: int, warps: int) -> Iterator[None]:
-    """Launch every NMS scan inside the block with this propagation tile width (words) and warp count, for
+def forced_scan(width: int, warps: int, method: str = "fixpoint") -> Iterator[None]:
+    """Launch every NMS scan inside the block with this propagation width (words), warp count and block method, for
     scripts/bench_kernels.py's sweep; the result does not depend on them."""
-    for v in (block_w, warps):
+    if method not in SCAN_METHODS:
+        raise ValueError(f"scan method must be one of {', '.join(SCAN_METHODS)}, got {method!r}")
+    for v in (width, warps):
         if v < 1 or v & (v - 1):
-            raise ValueError(f"scan sizes must be powers of two, got {(block_w, warps)}")
-    token = _SCAN.set((block_w, warps))
+            raise ValueError(f"scan sizes must be powers of two, got {(width, warps)}")
+    token = _SCAN.set(Scan(width, warps, method))
     try:
         yield
     finally:
@@ -100,7 +121,7 @@ def _or(a, b):
 
 @triton.jit
 def _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_words, count, max_out,
-                BLOCK_W: tl.constexpr):
+                BLOCK_W: tl.constexpr, FIXPOINT: tl.constexpr):
     """Resolve 64-box block `b`: write its kept boxes after the `count` kept so far, mark what they remove in
     every later word; returns the new count."""
     lane = tl.arange(0, 64)
@@ -110,15 +131,25 @@ def _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_w
     # Rows past n count as already removed.
     pad = tl.sum(tl.where(valid, 0, one << lane.to(tl.int64)))
     rem = tl.load(removed_ptr + b, volatile=True) | pad
-    keepw = tl.zeros([], dtype=tl.int64)
-    for t in tl.static_range(64):
-        # each row's diagonal word as a scalar load: the loads do not depend on `rem`, so they
-        # can all be in flight at once, where a cross-lane reduction per step would serialise
-        r_t = b * 64 + t
-        d_t = tl.load(mask_ptr + r_t.to(tl.int64) * n_words + b, mask=r_t < n, other=0)
-        free = ((rem >> t) & 1) == 0
-        rem = tl.where(free, rem | d_t, rem)
-        keepw = tl.where(free, keepw | (one << t), keepw)
+    if FIXPOINT:
+        # every row's diagonal word in one load; each round is one OR across the lanes
+        diag = tl.load(mask_ptr + rows.to(tl.int64) * n_words + b, mask=valid, other=0)
+        keepw = ~rem
+        last = rem  # differs from keepw: at least one round
+        while keepw != last:
+            last = keepw
+            hit = ((keepw >> lane.to(tl.int64)) & 1) == 1
+            keepw = ~rem & ~tl.reduce(tl.where(hit, diag, 0), 0, _or)
+    else:
+        keepw = tl.zeros([], dtype=tl.int64)
+        for t in tl.static_range(64):
+            # each row's diagonal word as a scalar load: the loads do not depend on `rem`, so they
+            # can all be in flight at once, where a cross-lane reduction per step would serialise
+            r_t = b * 64 + t
+            d_t = tl.load(mask_ptr + r_t.to(tl.int64) * n_words + b, mask=r_t < n, other=0)
+            free = ((rem >> t) & 1) == 0
+            rem = tl.where(free, rem | d_t, rem)
+            keepw = tl.where(free, keepw | (one << t), keepw)
     kept = ((keepw >> lane.to(tl.int64)) & 1) == 1
     pos = count + tl.cumsum(kept.to(tl.int64), 0) - 1
     src = tl.load(order_ptr + rows, mask=kept, other=0)
@@ -140,7 +171,7 @@ def _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_w
 @triton.jit(do_not_specialize=["n", "n_words", "max_out"])
 def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
                      n, n_ptr, n_words, max_out, N_FROM_PTR: tl.constexpr, STOP_AT_MAX: tl.constexpr,
-                     BLOCK_W: tl.constexpr):
+                     BLOCK_W: tl.constexpr, FIXPOINT: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)  # one program per problem
     mask_ptr += g * n * n_words
     order_ptr += g * n
@@ -157,14 +188,14 @@ def _nms_scan_kernel(mask_ptr, order_ptr, removed_ptr, out_ptr, count_ptr,
         b = 0
         while (b < live_words) & (count < max_out):
             count = _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_words, count,
-                                max_out, BLOCK_W)
+                                max_out, BLOCK_W, FIXPOINT)
             b += 1
     else:
         # a counted loop when every box may be kept: on the H100 the while loop made full NMS of 4700 boxes
         # 1.8x slower (0.78 -> 1.42 ms)
         for b in range(0, live_words):
             count = _scan_block(mask_ptr, order_ptr, removed_ptr, out_ptr, b, n, n_words, live_words, count,
-                                max_out, BLOCK_W)
+                                max_out, BLOCK_W, FIXPOINT)
     tl.store(count_ptr, tl.minimum(count, max_out))
 
 
@@ -220,9 +251,8 @@ def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float,
     mask = torch.empty((groups, n, n_words), dtype=torch.int64, device=dev)
     n_ptr = out if live is None else live  # unused without N_FROM_PTR
     removed = torch.zeros((groups, n_words), dtype=torch.int64, device=dev)
-    # One warp per problem: the per-box steps are scalar chains.
-    block_w, warps = _SCAN.get() or (16, 1)  # 16 x 1: no spill on sm_90 (test_kernels_compile)
-    block_w = min(block_w, triton.next_power_of_2(n_words))
+    scan = _SCAN.get() or _DEFAULT_SCAN
+    block_w = min(scan.width, triton.next_power_of_2(n_words))
     with LAUNCH_LOCK:
         _nms_mask_kernel[(n_words, n_words, groups)](sb, order if cls is None else cls, thr, thr_t, mask,
                                                      n, n_ptr, n_words, USE_CLASS=cls is not None,
@@ -231,7 +261,7 @@ def _launch(sb: Tensor, order: Tensor, cls: Tensor | None, iou_threshold: float,
                                                      num_warps=_mask_warps(cdt), enable_fp_fusion=False)
         _nms_scan_kernel[(groups,)](mask, order, removed, out, count, n, n_ptr, n_words, max_out,
                                     N_FROM_PTR=live is not None, STOP_AT_MAX=max_out < n, BLOCK_W=block_w,
-                                    num_warps=warps)
+                                    FIXPOINT=scan.method == "fixpoint", num_warps=scan.warps)
     return (out[0], count[0]) if single else (out, count)
 
 

@@ -260,6 +260,29 @@ def test_fast_convs_switch_layout_and_back(small_model):
     assert not any(p.is_inference() for p in small_model.parameters())
 
 
+def test_c4_head_chunks_do_not_change_its_outputs():
+    """res5 runs over the ROIs in chunks (250 on CPU, 1000 on CUDA) to bound memory: the class logits, box deltas
+    and mask logits must not depend on where the chunks split."""
+    from zoo.modeling.roi_heads import Res5ROIHeads
+    from zoo.ops.synthetic import random_proposals
+
+    heads = small_synthetic_model("mask_rcnn_R_50_C4_1x").roi_heads
+    assert (Res5ROIHeads.chunk_size, Res5ROIHeads.cuda_chunk_size) == (250, 1000)
+    gen = torch.Generator().manual_seed(6)
+    feature = torch.randn(1, 1024, 20, 30, generator=gen)
+    boxes = [random_proposals(23, 1, height=320.0, width=480.0, smax=300.0)]
+    outs = {}
+    for size in (250, 23, 5):
+        heads.chunk_size = size  # the instance's own, as a user would tune it
+        with torch.no_grad():
+            logits, deltas = heads._predict(feature, boxes)
+            masks = torch.cat([heads.mask_head(x) for x in heads._res5_chunks(feature, boxes)])
+        outs[size] = (logits, deltas, masks)
+    for size in (23, 5):
+        for ours, whole in zip(outs[size], outs[250]):
+            torch.testing.assert_close(ours, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_c4_head_pools_only_the_bins_res5_reads():
     """Res5ROIHeads pools every other bin and runs res5's first block at stride 1: Detectron2's full 14x14 pooling
     followed by the stride-2 block gives the same features."""

@@ -175,12 +175,16 @@ def test_roi_align_reads_channels_last_maps_as_they_are(K):
     g = torch.randn(out.shape, generator=gen)
     for a, b in zip(torch.autograd.grad(out, nhwc, g), torch.autograd.grad(ref, nchw, g)):
         assert torch.equal(a, b)
-    # one level, two channel blocks (C=70 at 7x7), two images, adaptive and fixed sampling
-    f = torch.randn(2, 70, 12, 16, generator=gen)
+    # one level, two images, adaptive and fixed sampling: three channel blocks, the last part-empty (C=70 at 7x7),
+    # and two whole ones (C=64), which the kernel reads unmasked, 16 channels aligned (_c_align)
+    assert (RA._c_align(70, 32), RA._c_align(64, 32), RA._c_align(1024, 8), RA._c_align(12, 4)) == (1, 16, 8, 4)
     rois = _rois(gen, 2, 12, 16, 0.25)
-    for sr in (0, 2):
-        assert torch.equal(K.roi_align(f.to(memory_format=torch.channels_last), rois, 7, 0.25, sr, True),
-                           K.roi_align(f, rois, 7, 0.25, sr, True))
+    for c in (70, 64):
+        f = torch.randn(2, c, 12, 16, generator=gen)
+        for sr in (0, 2):
+            out = K.roi_align(f.to(memory_format=torch.channels_last), rois, 7, 0.25, sr, True)
+            assert torch.equal(out, K.roi_align(f, rois, 7, 0.25, sr, True)), (c, sr)
+            assert torch.equal(out, K.roi_align(f, rois, 7, 0.25, sr, True, memory_format=torch.channels_last))
 
 
 @pytest.mark.parametrize("maps_cl", [False, True])

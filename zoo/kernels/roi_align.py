@@ -317,8 +317,9 @@ def forced_staging(enabled: bool = True) -> Iterator[None]:
 def _blocks(C: int, oh: int, ow: int) -> Tile:
     """The tile: ~2K accumulators, ~8 per thread, all bins of a ROI in one program.
 
-    Checked with cuobjdump for sm_90: 7x7 -> 32x64 tiles at 109 registers, 14x14 ->
-    8x256 at 80, no spills (4K-element tiles hit 255 registers and spilled).
+    Checked with cuobjdump for sm_90 (NCHW maps): 7x7 -> 32x64 tiles at 109 registers, 14x14 ->
+    8x256 at 80, no spills (4K-element tiles hit 255 registers and spilled); channels-last maps with whole
+    channel blocks (_c_align) take 64-72. bench_kernels --sweep times the alternatives.
     """
     forced = _TILE.get()
     if forced is not None:

@@ -143,21 +143,23 @@ def _as_is(out):
     return out
 
 
+def _eager_capture(on_capture=lambda images: None, replay=lambda: None):
+    """A stand-in for GraphCache._capture (which needs CUDA): the "graph" holds the eager outputs of the capturing
+    call, replays call `replay`, and each capture first calls `on_capture` with its images."""
+    def capture(self, model, images, sizes):
+        on_capture(images)
+        out = model.compact_static(model.run_static(images, sizes)[2], sizes)
+        return SimpleNamespace(replay=replay), images.clone(), sizes.clone(), out
+
+    return capture
+
+
 def test_graph_cache_captures_a_signature_on_its_second_use(monkeypatch):
     # the capture itself needs CUDA (test_cuda_* below); here a stand-in records when the cache asks for one
     from zoo.modeling.graphs import GraphCache
 
     captures, replays = [], []
-
-    class Recorded:
-        def replay(self):
-            replays.append(1)
-
-    def capture(self, model, images, sizes):
-        captures.append(tuple(images.shape))
-        out = model.compact_static(model.run_static(images, sizes)[2], sizes)
-        return Recorded(), images.clone(), sizes.clone(), out
-
+    capture = _eager_capture(lambda images: captures.append(tuple(images.shape)), lambda: replays.append(1))
     monkeypatch.setattr(GraphCache, "_capture", capture)
     m = _tiny("mask_rcnn_R_50_FPN_3x")  # three padded shapes of these images at its 64-96 px input
     cache = GraphCache(m, max_graphs=2)
@@ -200,11 +202,7 @@ def test_a_graph_keeps_the_cached_tensors_it_reads(monkeypatch):
     from zoo.modeling.graphs import GraphCache
     from zoo.modeling.layers import Conv2d
 
-    def capture(self, model, images, sizes):
-        out = model.compact_static(model.run_static(images, sizes)[2], sizes)
-        return SimpleNamespace(replay=lambda: None), images.clone(), sizes.clone(), out
-
-    monkeypatch.setattr(GraphCache, "_capture", capture)
+    monkeypatch.setattr(GraphCache, "_capture", _eager_capture())
     m = _tiny("mask_rcnn_R_50_FPN_3x")
     m.fast_convs = True  # folded copies, as on CUDA
     cache = GraphCache(m)

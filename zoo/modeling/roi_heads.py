@@ -256,8 +256,8 @@ class Res5ROIHeads(_ROIHeadsBase):
             self.mask_head = MaskRCNNConvUpsampleHead(out_channels, rh.num_classes, rh.mask_head)
 
     def _res5_chunks(self, feature: torch.Tensor, boxes: list[torch.Tensor] | torch.Tensor):
-        # flatten (image, box) pairs into chunks so the pooled ROIs and res5's activations of 1000 ROIs never sit
-        # in memory at once
+        # flatten (image, box) pairs into chunks (see chunk_size): the pooled ROIs and res5's activations of a
+        # batch's proposals never sit in memory at once
         flat = _rois(boxes) if isinstance(boxes, torch.Tensor) else boxes_to_rois(boxes, feature.device)
         size = self.cuda_chunk_size if feature.is_cuda else self.chunk_size
         for start in range(0, max(len(flat), 1), size):

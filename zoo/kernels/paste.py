@@ -40,15 +40,14 @@ def _paste_kernel(masks_ptr, boxes_ptr, out_ptr, H, W, thr, M: tl.constexpr,
     # the pasted region: lo <= x < hi with lo = floor(x0) - 1, hi = ceil(x1) + 1 (rows alike), inside the image
     lo_x, hi_x = tl.floor(bx0) - 1.0, tl.ceil(bx1) + 1.0
     lo_y, hi_y = tl.floor(by0) - 1.0, tl.ceil(by1) + 1.0
-    # Most tiles lie outside the box's region (a box covers a small part of the image): they only store
-    # zeros. A tile is in when its last row/column reaches lo and its first is below hi.
+    # Most tiles lie outside the box's region (a box covers a small part of the image): the output comes zeroed
+    # (one memset at full bandwidth, where this kernel's stores are a byte each unless W is a multiple of 16), so
+    # they store nothing. A tile is in when its last row/column reaches lo and its first is below hi.
     hit = (((ty + BLOCK_H - 1).to(tl.float32) >= lo_y) & (ty.to(tl.float32) < hi_y)
            & ((tx + BLOCK_W - 1).to(tl.float32) >= lo_x) & (tx.to(tl.float32) < hi_x))
     if hit:
         _paste_tile(masks_ptr, out_ptr, n, ys, xs, bx0, by0, bx1, by1, lo_x, hi_x, lo_y, hi_y, offs, inside,
                     H, W, thr, M)
-    else:
-        tl.store(out_ptr + offs, tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.uint8), mask=inside)
 
 
 @triton.jit
@@ -100,7 +99,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int],
     """[N, M, M] probabilities and [N, 4] boxes -> bool [N, H, W]; see zoo.ops.paste_masks."""
     n = masks.shape[0]
     h, w = int(image_size[0]), int(image_size[1])
-    out = torch.empty((n, h, w), dtype=torch.uint8, device=masks.device)
+    out = torch.zeros((n, h, w), dtype=torch.uint8, device=masks.device)
     if n == 0 or h == 0 or w == 0:
         return out.view(torch.bool)
     if masks.dim() != 3 or masks.shape[1] != masks.shape[2] or boxes.shape != (n, 4):

@@ -1,4 +1,4 @@
-"""Triton mask pasting: every instance's probabilities sampled into the full image in one launch.
+"""Triton mask pasting: every instance's probabilities sampled into the (zeroed) full image in one launch.
 
 PyTorch's path builds an [N, H, W, 2] float grid for grid_sample (600 MB for 100 masks on a
 938x800 image); this kernel computes each pixel's bilinear sample directly and writes only the

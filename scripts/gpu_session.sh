@@ -41,8 +41,8 @@ $PY -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
 # runs out of time only loses what comes after it. One log per step (some share extras.log) plus summary.log: at
 # most 8 files, the most the device tool brings back.
 # Q: what decides the defaults and fills the README's tables, in one call (about 460 s of steps); R: the rest of B
-# that Q leaves out (fused parity without TF32, model CUDA tests, profiles), a memory breakdown and CUDA graphs on a
-# stream of many shapes, about 220 s.
+# that Q leaves out (parity at the default precision without fusion, model CUDA tests, profiles), a memory breakdown
+# and CUDA graphs on a stream of many shapes, about 220 s.
 # Steps that phases share, each taking its step timeout (pytest's own per-test timeout is 10 s less)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 OTHERS=faster_rcnn_R_50_FPN_3x,mask_rcnn_R_50_C4_1x,faster_rcnn_R_50_DC5_1x,mask_rcnn_R_101_FPN_3x,faster_rcnn_X_101_32x8d_FPN_3x
@@ -73,14 +73,17 @@ cudnn_bench() { LOG=bench_e2e step bench_e2e_cudnnbench "$1" $PY scripts/bench_e
   --variants tf32+graphs+fused+cudnnbench; }
 others_bench() { local secs=$1; shift; step bench_e2e "$secs" $PY scripts/bench_e2e.py --device cuda --warmup 5 \
   --models "$OTHERS" "$@"; }
-# parity with the opt-in switches: cuDNN's fused conv-bias-add-relu (cudnn_fusion), alone and with precision="tf32"
-# (the issue's "fp32 with TF32"); each becomes a default only once its run passes
-fused_parity() {
-  step parity_cuda_fused "$1" env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 "${PYTEST[@]}" tests/test_parity.py
-}
+# parity on CUDA at the default precision (tf32: the box head's fc layers on TF32 tensor cores; CPU emulation passed
+# 76/76), alone and with the opt-in cuDNN fused conv-bias-add-relu (cudnn_fusion), which becomes a default only once
+# its run passes; and fusion with strict fp32
+default_parity() { step parity_cuda "$1" env ZOO_TEST_DEVICE=cuda "${PYTEST[@]}" tests/test_parity.py; }
 tf32_parity() {
-  LOG=parity_cuda_fused step parity_cuda_tf32_fused "$1" env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 \
-    ZOO_TEST_PRECISION=tf32 "${PYTEST[@]}" tests/test_parity.py
+  LOG=parity_cuda step parity_cuda_tf32_fused "$1" env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 \
+    "${PYTEST[@]}" tests/test_parity.py
+}
+fused_parity() {
+  LOG=parity_cuda step parity_cuda_fp32_fused "$1" env ZOO_TEST_DEVICE=cuda ZOO_TEST_CUDNN_FUSION=1 \
+    ZOO_TEST_PRECISION=fp32 "${PYTEST[@]}" tests/test_parity.py
 }
 # where the time goes: mask R50-FPN, and the two baselines furthest from 3x Detectron2 (C4, DC5)
 profile() { LOG=extras step "profile_$2" "$1" $PY scripts/profile_e2e.py --iters 5 --variant "${3:-fp32+fused}" \
@@ -111,7 +114,7 @@ if [ "$phase" = Q ]; then
   exit 0
 fi
 if [ "$phase" = R ]; then
-  fused_parity 80
+  default_parity 80
   model_tests 30
   profiles
   # graphs held 712-787 MiB at batch 1 on the H100 where eager held 575 (Detectron2: 673 MB): what holds it

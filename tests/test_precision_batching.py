@@ -4,6 +4,7 @@ Faster R-CNN R50-FPN at a 320-pixel test size keeps each forward well under a se
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import sys
@@ -66,9 +67,10 @@ def test_bf16_matches_fp32(model):
 
 
 def test_precision_validation(model):
+    before = model.precision
     with pytest.raises(InputError, match="unknown precision"):
         model.precision = "int8"  # refused when set, not at the next predict
-    assert model.precision == "fp32"
+    assert model.precision == before
     for name, bad in [("static_shapes", "yes"), ("fast_convs", 1), ("cuda_graphs", "no")]:
         with pytest.raises(InputError, match=name):
             setattr(model, name, bad)
@@ -108,17 +110,36 @@ def test_bf16_units_probe_agrees_with_the_cpu_flags():
     assert detector.cpu_lacks_bf16_units() == (not flags & {"avx512_bf16", "amx_bf16", "amx_tile"}), sorted(flags)
 
 
-def test_tf32_context_restores_pytorchs_settings():
-    from zoo.modeling.detector import _tf32
+def test_default_precision_is_tf32_on_cuda_and_fp32_elsewhere(model):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert detector.resolve_precision(None, cpu) == "fp32" and detector.resolve_precision(None, cuda) == "tf32"
+    assert detector.resolve_precision("bf16", cuda) == "bf16"
+    assert detector.check_precision(None, cpu) == "fp32"
+    assert zoo.get(NAME, pretrained=False, device="cpu").precision is None
+    before = model.precision
+    try:
+        model.precision = None
+        assert not model.uses_fast_convs(cpu)  # the default on CPU is the exact path
+        assert model.uses_fast_convs(cuda)
+    finally:
+        model.precision = before
+
+
+def _matmul_precision_seen(module: torch.nn.Module, seen: list):
+    return module.register_forward_pre_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+
+
+def test_tf32_matmul_block_restores_pytorchs_setting_and_leaves_cudnn_alone():
+    from zoo.modeling.layers import _tf32_matmul
 
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with _tf32():
-            assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
-        assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+        with _tf32_matmul():
+            assert torch.get_float32_matmul_precision() == "high" and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == before[0]
         with pytest.raises(RuntimeError, match="inside"):
-            with _tf32():
+            with _tf32_matmul():
                 raise RuntimeError("inside")
         assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
     finally:
@@ -126,24 +147,64 @@ def test_tf32_context_restores_pytorchs_settings():
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
-def test_tf32_blocks_of_threads_that_overlap_restore_the_settings_once_all_end():
-    # two threads' forward passes overlap: the first to end must not switch TF32 off under the other, and the last
+def test_tf32_blocks_of_threads_that_overlap_restore_the_setting_once_all_end():
+    # two threads' box heads overlap: the first to end must not switch TF32 off under the other, and the last
     # must not leave it on (a naive save/restore per block did both)
-    from zoo.modeling.detector import _tf32
+    from zoo.modeling.layers import _tf32_matmul
 
-    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    first, second = _tf32(), _tf32()
+    before = torch.get_float32_matmul_precision()
+    first, second = _tf32_matmul(), _tf32_matmul()
     try:
         first.__enter__()
         second.__enter__()
         first.__exit__(None, None, None)
-        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
         second.__exit__(None, None, None)
-        assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == before
     finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cudnn.allow_tf32 = before[1]
+        torch.set_float32_matmul_precision(before)
+
+
+def test_tf32_box_head_switch_touches_nothing_on_cpu(model):
+    # tf32 is CUDA-only: inside the switch, CPU tensors (and non-fp32 ones) run as they are
+    from zoo.modeling.layers import fc_tf32, tf32_fc
+
+    seen: list = []
+    hook = _matmul_precision_seen(model.roi_heads.box_head.fc1, seen)
+    try:
+        with torch.no_grad(), tf32_fc(True):
+            model.roi_heads.box_head(torch.zeros(2, 256, 7, 7))
+            assert isinstance(fc_tf32(torch.zeros(1)), contextlib.nullcontext)
+    finally:
+        hook.remove()
+    assert seen == [torch.get_float32_matmul_precision()] and seen[0] != "high"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (TF32 tensor cores)")
+def test_cuda_default_runs_the_box_head_fcs_in_tf32_and_the_rest_in_fp32(model):
+    img = _image("grace_hopper")
+    before = (model.precision, torch.get_float32_matmul_precision())
+    heads = model.roi_heads
+    seen: dict = {"fc1": [], "fc2": [], "cls_score": []}
+    hooks = [_matmul_precision_seen(m, seen[k]) for k, m in
+             [("fc1", heads.box_head.fc1), ("fc2", heads.box_head.fc2), ("cls_score", heads.box_predictor.cls_score)]]
+    try:
+        model.to("cuda")
+        model.precision = None
+        model.predict(img)
+        assert seen["fc1"] and set(seen["fc1"] + seen["fc2"]) == {"high"}, seen
+        assert set(seen["cls_score"]) == {before[1]}, seen  # the predictors stay fp32
+        assert torch.get_float32_matmul_precision() == before[1]
+        for v in seen.values():
+            v.clear()
+        model.precision = "fp32"
+        model.predict(img)
+        assert set(seen["fc1"]) == {before[1]}, seen
+    finally:
+        for h in hooks:
+            h.remove()
+        model.precision = before[0]
+        model.to("cpu")
 
 
 def test_ops_under_autocast():

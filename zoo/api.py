@@ -62,7 +62,7 @@ def get(
     weights: Union[str, os.PathLike, None] = None,
     device: Union[str, torch.device, None] = "cpu",
     quiet: Optional[bool] = None,
-    precision: str = "fp32",
+    precision: Optional[str] = None,
     static_shapes: Optional[bool] = None,
     cuda_graphs: bool = False,
     fast_convs: Optional[bool] = None,
@@ -74,10 +74,11 @@ def get(
 ) -> torch.nn.Module:
     """Build baseline `name` in eval mode; load released weights (pretrained) or a local file (weights).
 
-    precision: "fp32" (default; the exact path), "tf32" (CUDA only: fp32 tensors with TF32 tensor-core math for
-    matrix products and convolutions), "bf16" (CPU or CUDA) or "fp16" (CUDA only; these two run the network under
-    torch.autocast); boxes, scores and masks come back fp32/bool either way. It can be changed later with
-    `model.precision = ...`.
+    precision: None (default) is "tf32" on CUDA and "fp32" elsewhere. "fp32" is the exact path; "tf32" (CUDA only)
+    runs the box head's fully connected layers on TF32 tensor cores (convolutions follow PyTorch's cuDNN flag,
+    TF32 by default, in both), within the same parity with Detectron2; "bf16" (CPU or CUDA) and "fp16" (CUDA only)
+    run the network under torch.autocast. Boxes, scores and masks come back fp32/bool either way. It can be
+    changed later with `model.precision = ...`.
 
     static_shapes: None (default) uses the fixed-shape, sync-free inference path on CUDA and the dynamic one
     on CPU; True/False forces one (same detections). cuda_graphs=True (CUDA only) replays the fixed-shape

@@ -45,7 +45,7 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_model(args: argparse.Namespace, *, synthetic: bool = False, precision: str = "fp32",
+def load_model(args: argparse.Namespace, *, synthetic: bool = False, precision: Optional[str] = None,
                score_thresh: Optional[float] = None) -> Any:
     """zoo.get for the CLI: a local checkpoint, random weights (synthetic) or the released ones, at the
     command's input size (--min-size, --max-size)."""
@@ -270,8 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     on_gpu = resolve_device(args.device).type == "cuda"
     # --amp: the model's own reduced precision (autocast on the network; decoding, NMS, pasting stay fp32)
-    precision = args.precision or (("fp16" if on_gpu else "bf16") if args.amp else "fp32")
-    check_precision(precision, resolve_device(args.device))  # before any download
+    precision = args.precision or (("fp16" if on_gpu else "bf16") if args.amp else None)
+    precision = check_precision(precision, resolve_device(args.device))  # before any download; None -> the default
     static = {"auto": None, "static": True, "dynamic": False}[args.path]
     if args.cuda_graphs and not on_gpu:
         raise InputError("--cuda-graphs needs a CUDA device; drop it or pass --device cuda")
@@ -332,8 +332,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_user_commands(sub: Any) -> None:
     """Register predict, eval and bench on the `zoo` subparsers."""
     device_help = "auto (CUDA when present), cpu or cuda[:N]"
-    precision_help = ("network precision: fp32 (default, exact), tf32 (CUDA), bf16 (CPU or CUDA) or fp16 (CUDA); "
-                      "the reduced ones run faster on hardware made for them and are not parity-exact")
+    precision_help = ("network precision: fp32 (exact; the default on CPU), tf32 (CUDA, its default: the box head's "
+                      "fc layers on TF32 tensor cores, parity kept), bf16 (CPU or CUDA) or fp16 (CUDA); bf16 and "
+                      "fp16 run faster on hardware made for them and are not parity-exact")
 
     def add_size_options(p: Any) -> None:
         p.add_argument("--min-size", type=int, help="resize the shorter image side to this (default: the "
@@ -352,7 +353,7 @@ def add_user_commands(sub: Any) -> None:
                         "(0.05) it lowers that too")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--weights", help="a local .pkl/.pth checkpoint instead of the released one")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help=precision_help)
     p.add_argument("--batch", type=int, default=1, help=batch_help)
     add_size_options(p)
     p.set_defaults(func=cmd_predict)
@@ -365,7 +366,7 @@ def add_user_commands(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N images (by id)")
     p.add_argument("--out", default="results.json", help="where to save the COCO results (default: ./results.json)")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=precision_help)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help=precision_help)
     p.add_argument("--batch", type=int, default=1, help=batch_help)
     add_size_options(p)
     p.set_defaults(func=cmd_eval)

@@ -16,22 +16,31 @@ from ..errors import InputError
 from ..manifest import Architecture
 from .backbone import build_backbone
 from .box_coder import clip_boxes, nonempty
-from .layers import Conv2d, cudnn_fusion
+from .layers import Conv2d, cudnn_fusion, tf32_fc
 from .mask_paste import paste_masks_in_image, postprocess_boxes
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
 from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_size, to_rgb_array
 
 
-# precision name -> autocast dtype (None: fp32 tensors; "fp32" is the path parity is measured on, "tf32" the same
-# network with TF32 tensor-core math for its matrix products and convolutions, on CUDA)
+# precision name -> autocast dtype (None: fp32 tensors). "fp32" is the path parity is measured on; "tf32" the same
+# with the box head's fully connected layers on TF32 tensor cores (CUDA only; convolutions follow PyTorch's cuDNN
+# flag either way, TF32 by default). A model's precision None means tf32 on CUDA and fp32 elsewhere.
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LAYOUT_LOCK = threading.Lock()  # GeneralizedRCNN._lay_out_convs: one conversion at a time
 
 
 def _check_precision_name(precision: Any) -> None:
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (or None: tf32 on "
+                         f"CUDA, fp32 on CPU)")
+
+
+def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+    """The precision that runs on `device`: `precision` itself, or for None tf32 on CUDA and fp32 elsewhere."""
+    if precision is None:
+        return "tf32" if torch.device(device).type == "cuda" else "fp32"
+    return precision
 
 
 def cpu_lacks_bf16_units() -> bool:
@@ -49,11 +58,12 @@ def cpu_lacks_bf16_units() -> bool:
 _slow_bf16_warned = False
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    """Validate a precision name for a device; returns it, or raises InputError saying what works. Warns once
-    when bf16 on this CPU would be slower than fp32."""
+def check_precision(precision: Optional[str], device: torch.device) -> str:
+    """Validate a precision name (None: the device's default) for a device; returns the one that runs there, or
+    raises InputError saying what works. Warns once when bf16 on this CPU would be slower than fp32."""
     global _slow_bf16_warned
     _check_precision_name(precision)
+    precision = resolve_precision(precision, device)
     if precision in ("fp16", "tf32") and torch.device(device).type != "cuda":
         raise InputError(f"precision {precision!r} needs a CUDA device; on CPU use precision='bf16' (or 'fp32')")
     if precision == "bf16" and torch.device(device).type == "cpu" and not _slow_bf16_warned \
@@ -62,33 +72,6 @@ def check_precision(precision: str, device: torch.device) -> str:
         warnings.warn("this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 runs about 6x slower than fp32 on "
                       "it; choose fp32 here", RuntimeWarning, stacklevel=2)
     return precision
-
-
-_TF32_LOCK = threading.Lock()
-_tf32_calls = 0  # forward passes inside _tf32() now, in any thread
-_tf32_saved: Optional[tuple[str, bool]] = None  # PyTorch's settings as the first of them found them
-
-
-@contextlib.contextmanager
-def _tf32() -> Iterator[None]:
-    """TF32 for fp32 matrix products and convolutions inside the block, PyTorch's settings restored after.
-    They are process-wide: another thread's CUDA work during the block gets TF32 too. Overlapping blocks (threads
-    sharing a model) keep TF32 on until the last one ends, which restores what the first one found."""
-    global _tf32_calls, _tf32_saved
-    with _TF32_LOCK:
-        if _tf32_calls == 0:
-            _tf32_saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-            torch.set_float32_matmul_precision("high")
-            torch.backends.cudnn.allow_tf32 = True
-        _tf32_calls += 1
-    try:
-        yield
-    finally:
-        with _TF32_LOCK:
-            _tf32_calls -= 1
-            if _tf32_calls == 0 and _tf32_saved is not None:
-                torch.set_float32_matmul_precision(_tf32_saved[0])
-                torch.backends.cudnn.allow_tf32 = _tf32_saved[1]
 
 
 def _after_load(model: GeneralizedRCNN, incompatible_keys: Any) -> None:
@@ -151,10 +134,10 @@ class GeneralizedRCNN(nn.Module):
         self.max_size_test = inp.max_size_test
         self.size_divisibility = inp.size_divisibility
         self.mask_threshold = arch.roi_heads.mask_head.mask_threshold if arch.roi_heads.mask_head else 0.5
-        # "fp32" (exact, default), "tf32" (CUDA: fp32 with TF32 math), "bf16" or "fp16" (CUDA): the last two
-        # run the network under torch.autocast, while box
-        # decoding, scores, NMS and mask pasting stay fp32
-        self.precision = "fp32"
+        # "fp32" (exact), "tf32" (CUDA: fp32 with the box head's fc layers in TF32), "bf16" or "fp16" (CUDA): the
+        # last two run the network under torch.autocast, while box decoding, scores, NMS and mask pasting stay
+        # fp32; None (default): tf32 on CUDA, fp32 on CPU
+        self.precision: Optional[str] = None
         # True: the fixed-shape inference path (no host synchronisation until the detections are read;
         # exact: an image whose fixed-capacity NMS cannot guarantee the exact result is recomputed);
         # False: the dynamic path; None (default): fixed shapes on CUDA, dynamic on CPU, where a host
@@ -275,12 +258,12 @@ class GeneralizedRCNN(nn.Module):
 
     @contextlib.contextmanager
     def _forward_context(self, device: torch.device):
-        """The forward pass's numeric context: autocast for bf16/fp16, TF32 for tf32, and cuDNN fusion when on."""
+        """The forward pass's numeric context: autocast for bf16/fp16, TF32 box-head fcs for tf32, and cuDNN fusion
+        when on."""
         precision = check_precision(self.precision, device)
         dtype = PRECISIONS[precision]
-        numeric = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-                   else _tf32() if precision == "tf32" else contextlib.nullcontext())
-        with cudnn_fusion(self.cudnn_fusion), numeric:
+        numeric = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with cudnn_fusion(self.cudnn_fusion), tf32_fc(precision == "tf32"), numeric:
             yield
 
     def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> Trace:
@@ -295,7 +278,7 @@ class GeneralizedRCNN(nn.Module):
     def uses_fast_convs(self, device: torch.device) -> bool:
         """Whether the network runs fast (folded, channels_last) convolutions on `device` (see `fast_convs`)."""
         if self.fast_convs is None:
-            return torch.device(device).type == "cuda" or self.precision != "fp32"
+            return torch.device(device).type == "cuda" or resolve_precision(self.precision, device) != "fp32"
         return bool(self.fast_convs)
 
     def _lay_out_convs(self, device: torch.device) -> torch.memory_format:

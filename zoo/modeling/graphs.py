@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
+from .detector import resolve_precision
 from .roi_heads import InstanceBatch
 
 
@@ -85,8 +86,8 @@ class GraphCache:
         # tensor versions, last (run() reads them there): weights changed in place after a capture must not
         # replay stale folded copies
         weights = tuple(v._version for v in self._tensors)
-        return (tuple(t.shape), str(t.device), model.precision, os.environ.get("ZOO_OPS", ""),
-                model.graph_settings(), weights)
+        return (tuple(t.shape), str(t.device), resolve_precision(model.precision, t.device),
+                os.environ.get("ZOO_OPS", ""), model.graph_settings(), weights)
 
     def run(self, model, batch, take: Callable[[InstanceBatch], T]) -> T:
         """`take` applied to the compacted fixed-shape detections for `batch`, replayed from its signature's

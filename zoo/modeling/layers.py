@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from typing import Iterator, Optional
 
@@ -172,3 +173,48 @@ def conv_relu(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor]
     if residual is not None:
         out += residual
     return F.relu_(out)
+
+
+# precision="tf32": the box head's fully connected layers run on TF32 tensor cores (CUDA). A context, like
+# cudnn_fusion; PyTorch's switch for it is process-wide, so it is set only around those layers
+_TF32_FC: ContextVar[bool] = ContextVar("zoo_tf32_fc", default=False)
+_TF32_LOCK = threading.Lock()
+_tf32_calls = 0  # blocks inside _tf32_matmul() now, in any thread
+_tf32_saved: Optional[str] = None  # PyTorch's matmul precision as the first of them found it
+
+
+@contextlib.contextmanager
+def tf32_fc(enabled: bool) -> Iterator[None]:
+    """Let fc_tf32 switch TF32 on inside this block (for fp32 CUDA tensors)."""
+    token = _TF32_FC.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TF32_FC.reset(token)
+
+
+@contextlib.contextmanager
+def _tf32_matmul() -> Iterator[None]:
+    """TF32 for fp32 matrix products inside the block, PyTorch's setting restored after. It is process-wide:
+    another thread's matmuls during the block get TF32 too. Overlapping blocks (threads sharing a model) keep it
+    on until the last one ends, which restores what the first one found."""
+    global _tf32_calls, _tf32_saved
+    with _TF32_LOCK:
+        if _tf32_calls == 0:
+            _tf32_saved = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+        _tf32_calls += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _tf32_calls -= 1
+            if _tf32_calls == 0 and _tf32_saved is not None:
+                torch.set_float32_matmul_precision(_tf32_saved)
+
+
+def fc_tf32(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context for fully connected layers on `x`: TF32 inside tf32_fc(True) for fp32 CUDA tensors, else none."""
+    if _TF32_FC.get() and x.is_cuda and x.dtype == torch.float32:
+        return _tf32_matmul()
+    return contextlib.nullcontext()

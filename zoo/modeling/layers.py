@@ -1,4 +1,5 @@
-"""Small building blocks shared by the backbone and heads: FrozenBatchNorm and a conv that owns its norm."""
+"""Small building blocks shared by the backbone and heads: FrozenBatchNorm, a conv that owns its norm, and the
+numeric switches of a forward pass (cuDNN's fused conv + relu, TF32 for the box head's fc layers)."""
 from __future__ import annotations
 
 import contextlib

@@ -126,48 +126,74 @@ def test_default_precision_is_tf32_on_cuda_and_fp32_elsewhere(model):
 
 
 def _matmul_precision_seen(module: torch.nn.Module, seen: list):
-    return module.register_forward_pre_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    from zoo.modeling.layers import matmul_precision
+
+    return module.register_forward_pre_hook(lambda *_: seen.append(matmul_precision()))
+
+
+def _tf32_on() -> str:
+    from zoo.modeling import layers
+
+    return layers._TF32_SETTING
 
 
 def test_tf32_matmul_block_restores_pytorchs_setting_and_leaves_cudnn_alone():
-    from zoo.modeling.layers import _tf32_matmul
+    from zoo.modeling.layers import _tf32_matmul, matmul_precision
 
-    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    before = (matmul_precision(), torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.allow_tf32 = False
     try:
         with _tf32_matmul():
-            assert torch.get_float32_matmul_precision() == "high" and not torch.backends.cudnn.allow_tf32
-        assert torch.get_float32_matmul_precision() == before[0]
+            assert matmul_precision() == _tf32_on() and not torch.backends.cudnn.allow_tf32
+        assert matmul_precision() == before[0]
         with pytest.raises(RuntimeError, match="inside"):
             with _tf32_matmul():
                 raise RuntimeError("inside")
-        assert torch.get_float32_matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+        assert matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
+        # PyTorch's older switch still reads what it read before (it raises once the two were mixed)
+        assert torch.get_float32_matmul_precision() == "highest"
     finally:
-        torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="needs PyTorch's per-backend precision switch (2.9+)")
+def test_tf32_matmul_block_works_for_a_program_that_set_pytorchs_new_switch():
+    # once a program sets torch.backends.cuda.matmul.fp32_precision, torch.get_float32_matmul_precision() raises:
+    # the block must not read or write the old switch then
+    from zoo.modeling.layers import _tf32_matmul
+
+    cublas = torch.backends.cuda.matmul
+    before = cublas.fp32_precision
+    try:
+        cublas.fp32_precision = "tf32"  # TF32 switched on the new way
+        with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+            torch.get_float32_matmul_precision()
+        with _tf32_matmul():
+            assert cublas.fp32_precision == "tf32"
+        assert cublas.fp32_precision == "tf32"
+    finally:
+        cublas.fp32_precision = before
 
 
 def test_tf32_blocks_of_threads_that_overlap_restore_the_setting_once_all_end():
     # two threads' box heads overlap: the first to end must not switch TF32 off under the other, and the last
     # must not leave it on (a naive save/restore per block did both)
-    from zoo.modeling.layers import _tf32_matmul
+    from zoo.modeling.layers import _tf32_matmul, matmul_precision
 
-    before = torch.get_float32_matmul_precision()
+    before = matmul_precision()
     first, second = _tf32_matmul(), _tf32_matmul()
-    try:
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert torch.get_float32_matmul_precision() == "high"
-        second.__exit__(None, None, None)
-        assert torch.get_float32_matmul_precision() == before
-    finally:
-        torch.set_float32_matmul_precision(before)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert matmul_precision() == _tf32_on()
+    second.__exit__(None, None, None)
+    assert matmul_precision() == before
 
 
 def test_tf32_box_head_switch_touches_nothing_on_cpu(model):
     # tf32 is CUDA-only: inside the switch, CPU tensors (and non-fp32 ones) run as they are
-    from zoo.modeling.layers import fc_tf32, tf32_fc
+    from zoo.modeling.layers import fc_tf32, matmul_precision, tf32_fc
 
     seen: list = []
     hook = _matmul_precision_seen(model.roi_heads.box_head.fc1, seen)
@@ -177,13 +203,15 @@ def test_tf32_box_head_switch_touches_nothing_on_cpu(model):
             assert isinstance(fc_tf32(torch.zeros(1)), contextlib.nullcontext)
     finally:
         hook.remove()
-    assert seen == [torch.get_float32_matmul_precision()] and seen[0] != "high"
+    assert seen == [matmul_precision()] and seen[0] != _tf32_on()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (TF32 tensor cores)")
 def test_cuda_default_runs_the_box_head_fcs_in_tf32_and_the_rest_in_fp32(model):
+    from zoo.modeling.layers import matmul_precision
+
     img = _image("grace_hopper")
-    before = (model.precision, torch.get_float32_matmul_precision())
+    before = (model.precision, matmul_precision())
     heads = model.roi_heads
     seen: dict = {"fc1": [], "fc2": [], "cls_score": []}
     hooks = [_matmul_precision_seen(m, seen[k]) for k, m in
@@ -192,9 +220,9 @@ def test_cuda_default_runs_the_box_head_fcs_in_tf32_and_the_rest_in_fp32(model):
         model.to("cuda")
         model.precision = None
         model.predict(img)
-        assert seen["fc1"] and set(seen["fc1"] + seen["fc2"]) == {"high"}, seen
+        assert seen["fc1"] and set(seen["fc1"] + seen["fc2"]) == {_tf32_on()}, seen
         assert set(seen["cls_score"]) == {before[1]}, seen  # the predictors stay fp32
-        assert torch.get_float32_matmul_precision() == before[1]
+        assert matmul_precision() == before[1]
         for v in seen.values():
             v.clear()
         model.precision = "fp32"

@@ -181,7 +181,25 @@ def conv_relu(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor]
 _TF32_FC: ContextVar[bool] = ContextVar("zoo_tf32_fc", default=False)
 _TF32_LOCK = threading.Lock()
 _tf32_calls = 0  # blocks inside _tf32_matmul() now, in any thread
-_tf32_saved: Optional[str] = None  # PyTorch's matmul precision as the first of them found it
+_tf32_saved: Optional[str] = None  # PyTorch's matmul setting as the first of them found it
+# PyTorch >= 2.9 has a per-backend switch; its older one (set_float32_matmul_precision) raises there once a program
+# has used the new one, so the new one is used where it exists
+_CUBLAS = torch.backends.cuda.matmul
+_PER_BACKEND = hasattr(_CUBLAS, "fp32_precision")
+_TF32_SETTING = "tf32" if _PER_BACKEND else "high"
+
+
+def matmul_precision() -> str:
+    """PyTorch's fp32 matmul setting for CUDA now: with per-backend switches "ieee", "tf32" or "none" (follow the
+    global one), else "highest", "high" or "medium"."""
+    return _CUBLAS.fp32_precision if _PER_BACKEND else torch.get_float32_matmul_precision()
+
+
+def _set_matmul_precision(value: str) -> None:
+    if _PER_BACKEND:
+        _CUBLAS.fp32_precision = value
+    else:
+        torch.set_float32_matmul_precision(value)
 
 
 @contextlib.contextmanager
@@ -196,14 +214,14 @@ def tf32_fc(enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _tf32_matmul() -> Iterator[None]:
-    """TF32 for fp32 matrix products inside the block, PyTorch's setting restored after. It is process-wide:
+    """TF32 for fp32 CUDA matrix products inside the block, PyTorch's setting restored after. It is process-wide:
     another thread's matmuls during the block get TF32 too. Overlapping blocks (threads sharing a model) keep it
     on until the last one ends, which restores what the first one found."""
     global _tf32_calls, _tf32_saved
     with _TF32_LOCK:
         if _tf32_calls == 0:
-            _tf32_saved = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("high")
+            _tf32_saved = matmul_precision()
+            _set_matmul_precision(_TF32_SETTING)
         _tf32_calls += 1
     try:
         yield
@@ -211,7 +229,7 @@ def _tf32_matmul() -> Iterator[None]:
         with _TF32_LOCK:
             _tf32_calls -= 1
             if _tf32_calls == 0 and _tf32_saved is not None:
-                torch.set_float32_matmul_precision(_tf32_saved)
+                _set_matmul_precision(_tf32_saved)
 
 
 def fc_tf32(x: torch.Tensor) -> contextlib.AbstractContextManager:

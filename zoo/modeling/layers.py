@@ -128,13 +128,17 @@ _CUDNN_FUSION: ContextVar[bool] = ContextVar("zoo_cudnn_fusion", default=False)
 
 
 @contextlib.contextmanager
-def cudnn_fusion(enabled: bool) -> Iterator[None]:
-    """Let conv_relu use cuDNN's fused kernels inside this block (CUDA tensors only)."""
-    token = _CUDNN_FUSION.set(bool(enabled))
+def _switched(switch: ContextVar[bool], enabled: bool) -> Iterator[None]:
+    token = switch.set(bool(enabled))
     try:
         yield
     finally:
-        _CUDNN_FUSION.reset(token)
+        switch.reset(token)
+
+
+def cudnn_fusion(enabled: bool) -> contextlib.AbstractContextManager:
+    """Let conv_relu use cuDNN's fused kernels inside this block (CUDA tensors only)."""
+    return _switched(_CUDNN_FUSION, enabled)
 
 
 def _fusable_params(conv: nn.Conv2d, x: torch.Tensor,
@@ -202,14 +206,9 @@ def _set_matmul_precision(value: str) -> None:
         torch.set_float32_matmul_precision(value)
 
 
-@contextlib.contextmanager
-def tf32_fc(enabled: bool) -> Iterator[None]:
+def tf32_fc(enabled: bool) -> contextlib.AbstractContextManager:
     """Let fc_tf32 switch TF32 on inside this block (for fp32 CUDA tensors)."""
-    token = _TF32_FC.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _TF32_FC.reset(token)
+    return _switched(_TF32_FC, enabled)
 
 
 @contextlib.contextmanager

@@ -141,6 +141,7 @@ def test_tf32_matmul_block_restores_pytorchs_setting_and_leaves_cudnn_alone():
     from zoo.modeling.layers import _tf32_matmul, matmul_precision
 
     before = (matmul_precision(), torch.backends.cudnn.allow_tf32)
+    legacy = torch.get_float32_matmul_precision()
     torch.backends.cudnn.allow_tf32 = False
     try:
         with _tf32_matmul():
@@ -150,8 +151,8 @@ def test_tf32_matmul_block_restores_pytorchs_setting_and_leaves_cudnn_alone():
             with _tf32_matmul():
                 raise RuntimeError("inside")
         assert matmul_precision() == before[0] and not torch.backends.cudnn.allow_tf32
-        # PyTorch's older switch still reads what it read before (it raises once the two were mixed)
-        assert torch.get_float32_matmul_precision() == "highest"
+        # PyTorch's older switch still reads what it read before (it raises once the two were left mixed)
+        assert torch.get_float32_matmul_precision() == legacy
     finally:
         torch.backends.cudnn.allow_tf32 = before[1]
 

@@ -8,8 +8,10 @@ import contextlib
 import copy
 import platform
 import sys
+import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,31 +179,57 @@ def test_tf32_matmul_block_works_for_a_program_that_set_pytorchs_new_switch():
         cublas.fp32_precision = before
 
 
-def test_tf32_blocks_of_threads_that_overlap_restore_the_setting_once_all_end():
-    # two threads' box heads overlap: the first to end must not switch TF32 off under the other, and the last
-    # must not leave it on (a naive save/restore per block did both)
-    from zoo.modeling.layers import _tf32_matmul, matmul_precision
+def test_fp32_matmul_launches_wait_out_another_threads_tf32_window():
+    # PyTorch reads the TF32 switch when a matmul is launched, and it is process-wide: a thread's predictors (fp32)
+    # launched while another thread's box head holds TF32 on would run in TF32. zoo's launches share one lock.
+    from zoo.modeling.layers import fc_matmul, matmul_precision, tf32_fc
 
+    cuda_fp32 = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # fc_matmul reads only these
     before = matmul_precision()
-    first, second = _tf32_matmul(), _tf32_matmul()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert matmul_precision() == _tf32_on()
-    second.__exit__(None, None, None)
-    assert matmul_precision() == before
+    with tf32_fc(True):
+        with fc_matmul(cuda_fp32):  # a predictor, in a tf32 forward pass: the lock, no TF32
+            assert matmul_precision() == before
+        with fc_matmul(cuda_fp32, tf32=True):
+            assert matmul_precision() == _tf32_on()
+    with fc_matmul(cuda_fp32, tf32=True):  # no TF32 outside tf32_fc(True)
+        assert matmul_precision() == before
+    for other in (SimpleNamespace(is_cuda=False, dtype=torch.float32), SimpleNamespace(is_cuda=True, dtype=torch.half)):
+        with tf32_fc(True):
+            assert isinstance(fc_matmul(other, tf32=True), contextlib.nullcontext)
+
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def tf32_box_head():
+        with tf32_fc(True), fc_matmul(cuda_fp32, tf32=True):
+            inside.set()
+            release.wait(10)
+
+    def fp32_predictor():
+        with fc_matmul(cuda_fp32):
+            seen.append(matmul_precision())
+
+    first = threading.Thread(target=tf32_box_head)
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=fp32_predictor)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and not seen  # waits for the window to close
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [before] and matmul_precision() == before
 
 
 def test_tf32_box_head_switch_touches_nothing_on_cpu(model):
-    # tf32 is CUDA-only: inside the switch, CPU tensors (and non-fp32 ones) run as they are
-    from zoo.modeling.layers import fc_tf32, matmul_precision, tf32_fc
+    # tf32 is CUDA-only: inside the switch, CPU tensors run as they are
+    from zoo.modeling.layers import matmul_precision, tf32_fc
 
     seen: list = []
     hook = _matmul_precision_seen(model.roi_heads.box_head.fc1, seen)
     try:
         with torch.no_grad(), tf32_fc(True):
             model.roi_heads.box_head(torch.zeros(2, 256, 7, 7))
-            assert isinstance(fc_tf32(torch.zeros(1)), contextlib.nullcontext)
     finally:
         hook.remove()
     assert seen == [matmul_precision()] and seen[0] != _tf32_on()

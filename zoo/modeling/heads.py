@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..manifest import BoxHeadSpec, MaskHeadSpec
-from .layers import conv_relu, fc_tf32
+from .layers import conv_relu, fc_matmul
 
 
 class FastRCNNConvFCHead(nn.Module):
@@ -36,7 +36,7 @@ class FastRCNNConvFCHead(nn.Module):
             x = torch.flatten(x, start_dim=1)
             # precision="tf32": TF32 here, where fp32 costs (DC5's fc1 is 1000 x 100352 x 1024 per image) and its
             # rounding keeps parity with Detectron2; the predictors stay fp32 (cheap, and scores come from them)
-            with fc_tf32(x):
+            with fc_matmul(x, tf32=True):
                 for name in self.fc_names:
                     x = F.relu(getattr(self, name)(x))
         return x
@@ -55,7 +55,8 @@ class FastRCNNOutputLayers(nn.Module):
         """Class logits [R, K+1] and box deltas [R, 4K]."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        return self.cls_score(x), self.bbox_pred(x)
+        with fc_matmul(x):  # never inside another call's TF32 window
+            return self.cls_score(x), self.bbox_pred(x)
 
 
 class MaskRCNNConvUpsampleHead(nn.Module):

@@ -181,11 +181,11 @@ def conv_relu(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor]
 
 
 # precision="tf32": the box head's fully connected layers run on TF32 tensor cores (CUDA). A context, like
-# cudnn_fusion; PyTorch's switch for it is process-wide, so it is set only around those layers
+# cudnn_fusion. PyTorch's switch for it is process-wide and read when a matmul is launched, so zoo sets it only
+# around those layers' launches, and every fp32 matmul zoo launches on CUDA holds one lock: no call's layers are
+# launched inside another thread's TF32 window, and overlapping calls each restore what they found
 _TF32_FC: ContextVar[bool] = ContextVar("zoo_tf32_fc", default=False)
-_TF32_LOCK = threading.Lock()
-_tf32_calls = 0  # blocks inside _tf32_matmul() now, in any thread
-_tf32_saved: Optional[str] = None  # PyTorch's matmul setting as the first of them found it
+_MATMUL_LOCK = threading.RLock()
 # PyTorch >= 2.9 has a per-backend switch; its older one (set_float32_matmul_precision) raises there once a program
 # has used the new one, so the new one is used where it exists
 _CUBLAS = torch.backends.cuda.matmul
@@ -207,32 +207,27 @@ def _set_matmul_precision(value: str) -> None:
 
 
 def tf32_fc(enabled: bool) -> contextlib.AbstractContextManager:
-    """Let fc_tf32 switch TF32 on inside this block (for fp32 CUDA tensors)."""
+    """Let fc_matmul launch in TF32 inside this block (fp32 CUDA tensors)."""
     return _switched(_TF32_FC, enabled)
 
 
 @contextlib.contextmanager
 def _tf32_matmul() -> Iterator[None]:
-    """TF32 for fp32 CUDA matrix products inside the block, PyTorch's setting restored after. It is process-wide:
-    another thread's matmuls during the block get TF32 too. Overlapping blocks (threads sharing a model) keep it
-    on until the last one ends, which restores what the first one found."""
-    global _tf32_calls, _tf32_saved
-    with _TF32_LOCK:
-        if _tf32_calls == 0:
-            _tf32_saved = matmul_precision()
-            _set_matmul_precision(_TF32_SETTING)
-        _tf32_calls += 1
-    try:
-        yield
-    finally:
-        with _TF32_LOCK:
-            _tf32_calls -= 1
-            if _tf32_calls == 0 and _tf32_saved is not None:
-                _set_matmul_precision(_tf32_saved)
+    """TF32 for the fp32 CUDA matmuls launched inside the block, PyTorch's setting restored after; one block at a
+    time, and no other zoo matmul launch meanwhile (the lock)."""
+    with _MATMUL_LOCK:
+        saved = matmul_precision()
+        _set_matmul_precision(_TF32_SETTING)
+        try:
+            yield
+        finally:
+            _set_matmul_precision(saved)
 
 
-def fc_tf32(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The context for fully connected layers on `x`: TF32 inside tf32_fc(True) for fp32 CUDA tensors, else none."""
-    if _TF32_FC.get() and x.is_cuda and x.dtype == torch.float32:
-        return _tf32_matmul()
-    return contextlib.nullcontext()
+def fc_matmul(x: torch.Tensor, tf32: bool = False) -> contextlib.AbstractContextManager:
+    """The context to launch fully connected layers on `x` in. For fp32 CUDA tensors outside autocast: with `tf32`
+    inside tf32_fc(True), TF32 (_tf32_matmul); otherwise the lock alone, so that PyTorch's own setting applies and
+    no other call's TF32 window does. Else (CPU, autocast, half tensors) none."""
+    if not (x.is_cuda and x.dtype == torch.float32) or autocast_dtype("cuda") is not None:
+        return contextlib.nullcontext()
+    return _tf32_matmul() if tf32 and _TF32_FC.get() else _MATMUL_LOCK

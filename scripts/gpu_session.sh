@@ -58,7 +58,8 @@ model_tests() {
 }
 static_tests() {
   step tests_static_cuda "$1" "${PYTEST[@]}" --timeout $(($1 - 10)) -k cuda tests/test_static_path.py \
-    tests/test_conv_fusion.py
+    tests/test_conv_fusion.py \
+    tests/test_precision_batching.py::test_cuda_default_runs_the_box_head_fcs_in_tf32_and_the_rest_in_fp32
 }
 kernel_bench() { step bench_kernels "$1" $PY scripts/bench_kernels.py; }
 # candidate program tiles of the ROIAlign and NMS-scan kernels vs the defaults (same results checked)

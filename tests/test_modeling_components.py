@@ -57,6 +57,17 @@ def test_clip_and_nonempty_are_strict():
     assert nonempty(torch.tensor([[0.0, 0.0, 2.0, 2.0]]), 2.0).tolist() == [False]
 
 
+def test_clip_with_sizes_on_the_device_equals_clip_with_numbers():
+    # the fixed-shape path passes one (h, w) per image as tensors; each image must clip as with plain numbers
+    boxes = torch.randn(2, 50, 4, generator=torch.Generator().manual_seed(0)) * 400 + 100
+    boxes[0, 0] = torch.tensor([float("nan"), -float("inf"), float("inf"), -0.0])
+    sizes = torch.tensor([[240.0, 320.0], [311.0, 97.0]])
+    got = clip_boxes(boxes, (sizes[:, 0:1], sizes[:, 1:2]))
+    for i, (h, w) in enumerate(sizes.tolist()):
+        want = clip_boxes(boxes[i], (h, w))
+        torch.testing.assert_close(got[i], want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_rescale_boxes_to_original():
     b = rescale_boxes(torch.tensor([[0.0, 0.0, 800.0, 938.0], [100.0, 50.0, 2000.0, 60.0]]), (938, 800), (600, 512))
     assert b[0].tolist() == pytest.approx([0.0, 0.0, 512.0, 600.0])

@@ -50,11 +50,12 @@ def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:
     """
     h, w = image_size
     if isinstance(h, torch.Tensor):
-        def clamp(v, hi):
-            return torch.minimum(v.clamp(min=0), hi)
-    else:
-        def clamp(v, hi):
-            return v.clamp(min=0, max=hi)
+        # the same two comparisons per coordinate in 3 ops, where 4 columns apart took 9 (the fixed-shape path runs
+        # this 3 times an image, each op a kernel launch on CUDA)
+        return torch.minimum(boxes.clamp(min=0), torch.stack((w, h, w, h), dim=-1))
+
+    def clamp(v, hi):
+        return v.clamp(min=0, max=hi)
     x1 = clamp(boxes[..., 0], w)
     y1 = clamp(boxes[..., 1], h)
     x2 = clamp(boxes[..., 2], w)

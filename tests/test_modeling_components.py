@@ -50,6 +50,31 @@ def test_box_decoding_identity_and_scale_clamp():
     assert out[0, 3] - out[0, 1] == pytest.approx(1000.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("weights", [(10.0, 10.0, 5.0, 5.0), (1.0, 1.0, 1.0, 1.0)])
+@pytest.mark.parametrize("n,k", [(300, 81), (4700, 1), (0, 81)])
+def test_decoding_x_and_y_as_pairs_gives_the_per_coordinate_results(weights, n, k):
+    # Detectron2's weights (wx == wy, ww == wh) take the paired form; it must equal the per-coordinate one bit for
+    # bit, NaN, clamped and infinite deltas included
+    class Unequal(float):  # a weight that compares unequal to everything: forces the per-coordinate form
+        def __eq__(self, other):
+            return False
+
+        __hash__ = float.__hash__
+
+    g = torch.Generator().manual_seed(n + k)
+    boxes = torch.rand(n, 4, generator=g) * 500
+    boxes[:, 2:] += boxes[:, :2]
+    deltas = torch.randn(n, 4 * k, generator=g) * 3
+    if n:
+        deltas[0, 0], deltas[1, 2], deltas[2, 3] = float("nan"), 50.0, -float("inf")
+    per_coordinate = Box2BoxTransform(weights)
+    per_coordinate.weights = (Unequal(weights[0]), weights[1], Unequal(weights[2]), weights[3])
+    want = per_coordinate.apply_deltas(deltas, boxes)
+    got = Box2BoxTransform(weights).apply_deltas(deltas, boxes)
+    assert got.shape == want.shape == deltas.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_clip_and_nonempty_are_strict():
     b = clip_boxes(torch.tensor([[-5.0, -1.0, 20.0, 30.0], [3.0, 3.0, 3.0, 9.0]]), (10, 12))
     assert b.tolist() == [[0.0, 0.0, 12.0, 10.0], [3.0, 3.0, 3.0, 9.0]]

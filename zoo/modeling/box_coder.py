@@ -22,11 +22,13 @@ class Box2BoxTransform:
         """deltas [N, k*4], boxes [N, 4] -> decoded boxes [N, k*4]."""
         deltas = deltas.float()
         boxes = boxes.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        if wx == wy and ww == wh:  # Detectron2's weights: x and y in one op each, 14 ops where 29 ran
+            return self._apply_deltas_paired(deltas, boxes)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths
         ctr_y = boxes[:, 1] + 0.5 * heights
-        wx, wy, ww, wh = self.weights
         dx = deltas[:, 0::4] / wx
         dy = deltas[:, 1::4] / wy
         dw = torch.clamp(deltas[:, 2::4] / ww, max=self.scale_clamp)
@@ -40,6 +42,20 @@ class Box2BoxTransform:
         x2 = pred_ctr_x + 0.5 * pred_w
         y2 = pred_ctr_y + 0.5 * pred_h
         return torch.stack((x1, y1, x2, y2), dim=-1).reshape(deltas.shape)
+
+    def _apply_deltas_paired(self, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """apply_deltas with (x, y) and (w, h) as pairs in the last dim: the same operations on the same values in
+        the same order, so the same results, in half the ops (each a kernel launch on CUDA)."""
+        n = deltas.shape[0]
+        d = deltas.reshape(n, deltas.shape[1] // 4, 2, 2)  # [N, k, (dx dy | dw dh), 2]
+        b = boxes.reshape(n, 1, 2, 2)  # [N, 1, (x1 y1 | x2 y2), 2]
+        size = b[:, :, 1] - b[:, :, 0]  # (width, height)
+        ctr = b[:, :, 0] + 0.5 * size
+        shift = d[:, :, 0] / self.weights[0]
+        scale = torch.clamp(d[:, :, 1] / self.weights[2], max=self.scale_clamp)
+        pred_ctr = shift * size + ctr
+        half = 0.5 * (torch.exp(scale) * size)
+        return torch.stack((pred_ctr - half, pred_ctr + half), dim=2).reshape(deltas.shape)
 
 
 def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:

@@ -33,7 +33,7 @@ class Scan(NamedTuple):
     each block by `method` (see SCAN_METHODS)."""
     width: int
     warps: int
-    method: str = "fixpoint"
+    method: str
 
 
 _SCAN: ContextVar[Optional[Scan]] = ContextVar("zoo_nms_scan", default=None)
@@ -46,7 +46,7 @@ _DEFAULT_SCAN = Scan(16, 1, "fixpoint")
 
 
 @contextlib.contextmanager
-def forced_scan(width: int, warps: int, method: str = "fixpoint") -> Iterator[None]:
+def forced_scan(width: int, warps: int, method: str = _DEFAULT_SCAN.method) -> Iterator[None]:
     """Launch every NMS scan inside the block with this propagation width (words), warp count and block method, for
     scripts/bench_kernels.py's sweep; the result does not depend on them."""
     if method not in SCAN_METHODS:

@@ -164,12 +164,11 @@ def _planes(base, bi, offs_c, C, H, W, CHANNELS_LAST: tl.constexpr, C_ALIGN: tl.
 
 
 @triton.jit
-def _at(y, x, W, pix, CHANNELS_LAST: tl.constexpr, C_ALIGN: tl.constexpr):
+def _at(y, x, W, pix, C_ALIGN: tl.constexpr):
     """Offset of pixels (y, x) from `_planes`' pointers, as a [1, BLOCK_B] row (int32: H*W*C < 2**31 is checked)."""
     off = (y * W + x) * pix
-    if CHANNELS_LAST:
-        if C_ALIGN > 1:  # multiples of C
-            off = tl.multiple_of(off, C_ALIGN)
+    if C_ALIGN > 1:  # channels-last maps only (see _c_align): multiples of C
+        off = tl.multiple_of(off, C_ALIGN)
     return off[None, :]
 
 
@@ -223,10 +222,10 @@ def _roi_align_fwd_kernel(
         for ix in range(0, gw):
             xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
             m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
-            v1 = tl.load(plane + _at(ylo, xlo, W, pix, CHANNELS_LAST, C_ALIGN), mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(plane + _at(ylo, xhi, W, pix, CHANNELS_LAST, C_ALIGN), mask=m, other=0.0).to(tl.float32)
-            v3 = tl.load(plane + _at(yhi, xlo, W, pix, CHANNELS_LAST, C_ALIGN), mask=m, other=0.0).to(tl.float32)
-            v4 = tl.load(plane + _at(yhi, xhi, W, pix, CHANNELS_LAST, C_ALIGN), mask=m, other=0.0).to(tl.float32)
+            v1 = tl.load(plane + _at(ylo, xlo, W, pix, C_ALIGN), mask=m, other=0.0).to(tl.float32)
+            v2 = tl.load(plane + _at(ylo, xhi, W, pix, C_ALIGN), mask=m, other=0.0).to(tl.float32)
+            v3 = tl.load(plane + _at(yhi, xlo, W, pix, C_ALIGN), mask=m, other=0.0).to(tl.float32)
+            v4 = tl.load(plane + _at(yhi, xhi, W, pix, C_ALIGN), mask=m, other=0.0).to(tl.float32)
             acc += ((wyl * wxl)[None, :] * v1 + (wyl * wxh)[None, :] * v2
                     + (wyh * wxl)[None, :] * v3 + (wyh * wxh)[None, :] * v4)
     count = tl.maximum(gh * gw, 1) * 1.0
@@ -267,10 +266,10 @@ def _roi_align_bwd_kernel(
         for ix in range(0, gw):
             xlo, xhi, wxl, wxh = _axis(x1, pw, bw, ix * 1.0, gwf, W)
             m = cmask[:, None] & (bmask & ((wyl + wyh) * (wxl + wxh) != 0.0))[None, :]
-            tl.atomic_add(plane + _at(ylo, xlo, W, pix, CHANNELS_LAST, C_ALIGN), g * (wyl * wxl)[None, :], mask=m)
-            tl.atomic_add(plane + _at(ylo, xhi, W, pix, CHANNELS_LAST, C_ALIGN), g * (wyl * wxh)[None, :], mask=m)
-            tl.atomic_add(plane + _at(yhi, xlo, W, pix, CHANNELS_LAST, C_ALIGN), g * (wyh * wxl)[None, :], mask=m)
-            tl.atomic_add(plane + _at(yhi, xhi, W, pix, CHANNELS_LAST, C_ALIGN), g * (wyh * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + _at(ylo, xlo, W, pix, C_ALIGN), g * (wyl * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + _at(ylo, xhi, W, pix, C_ALIGN), g * (wyl * wxh)[None, :], mask=m)
+            tl.atomic_add(plane + _at(yhi, xlo, W, pix, C_ALIGN), g * (wyh * wxl)[None, :], mask=m)
+            tl.atomic_add(plane + _at(yhi, xhi, W, pix, C_ALIGN), g * (wyh * wxh)[None, :], mask=m)
 
 
 class Tile(NamedTuple):

@@ -18,6 +18,7 @@ region.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -80,12 +81,13 @@ def synth_model(name: str, device: torch.device):
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
     """'bf16+graphs' -> ('bf16', ['graphs']): the precision, then flags (graphs, dynamic, fused, cudnnbench,
-    torchops)."""
+    torchops, torchepilogue)."""
     prec, *flags = variant.split("+")
     return prec, flags
 
 
-VARIANT_FLAGS = ("graphs", "dynamic", "fused", "cudnnbench", "torchops")
+VARIANT_FLAGS = ("graphs", "dynamic", "fused", "cudnnbench", "torchops", "torchepilogue")
+_VARIANT_CONTEXT = contextlib.ExitStack()  # the context a variant runs in, until the next apply_variant
 
 
 def check_variant(variant: str) -> tuple[str, list[str]]:
@@ -112,8 +114,14 @@ def check_variants(variants: list[str]) -> None:
 
 def apply_variant(model, variant: str) -> list[str]:
     """Set a variant such as 'bf16+graphs' on the model (precision, '+graphs', '+dynamic', '+fused' for
-    cudnn_fusion, '+cudnnbench' for PyTorch's process-wide cudnn.benchmark); returns its flags."""
+    cudnn_fusion, '+cudnnbench' for PyTorch's process-wide cudnn.benchmark, '+torchepilogue' for PyTorch's separate
+    bias, residual and relu passes after each convolution in place of zoo's Triton epilogue, until the next call
+    in this thread); returns its flags."""
+    from zoo.modeling.layers import epilogue_backend
+
     prec, flags = check_variant(variant)
+    _VARIANT_CONTEXT.close()
+    _VARIANT_CONTEXT.enter_context(epilogue_backend("torch" if "torchepilogue" in flags else None))
     # cuDNN times its algorithms for each new shape and keeps the fastest (Detectron2's inference leaves it off,
     # as PyTorch does); only measured here so far, not a model setting (check_variants keeps it to runs of its own)
     torch.backends.cudnn.benchmark = "cudnnbench" in flags
@@ -192,7 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="zoo variants to time: a precision (fp32, tf32, bf16, fp16), '+graphs' for CUDA graphs, "
                          "'+dynamic' for the dynamic (host-synchronising) path, '+fused' for cuDNN's fused "
                          "conv-bias-add-relu (cudnn_fusion), '+cudnnbench' for torch.backends.cudnn.benchmark, "
-                         "'+torchops' for ZOO_OPS=torch")
+                         "'+torchops' for ZOO_OPS=torch, '+torchepilogue' for PyTorch's bias, residual and relu "
+                         "passes after each convolution (zoo's default on CUDA: one Triton pass)")
     ap.add_argument("--no-torchvision", action="store_true", help="skip torchvision's counterparts")
     ap.add_argument("--quick", action="store_true",
                     help="tiny default counts: 3 timed runs, 1 warm-up, 1 batched run (explicit counts still win)")

@@ -1,21 +1,35 @@
-"""cudnn_fusion: cuDNN's fused conv + bias (+ residual) + relu on CUDA, an opt-in switch of GeneralizedRCNN.
+"""What follows a convolution: bias, residual add and relu.
 
-On CPU the switch changes nothing (the fused kernels are cuDNN's); the CUDA tests compare fused and unfused runs.
+- cudnn_fusion: cuDNN's fused conv + bias (+ residual) + relu on CUDA, an opt-in switch of GeneralizedRCNN. On CPU
+  the switch changes nothing (the fused kernels are cuDNN's); the CUDA tests compare fused and unfused runs.
+- The Triton epilogue (zoo.ops.conv_epilogue), which conv_relu and conv_plus_upsampled run on CUDA in place of
+  PyTorch's separate passes: here under the interpreter (ZOO_OPS=triton), against the same arithmetic in PyTorch's
+  ops; on CUDA bit for bit against PyTorch's own conv with bias.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from zoo.errors import InputError
-from zoo.modeling.layers import Conv2d, FrozenBatchNorm2d, conv_relu, cudnn_fusion
+# the interpreter must be chosen before triton is first imported (see test_kernels_triton.py)
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from zoo.errors import InputError  # noqa: E402
+from zoo.modeling.layers import (  # noqa: E402
+    Conv2d, FrozenBatchNorm2d, _inference_params, _unbiased, conv_plus_upsampled, conv_relu, cudnn_fusion,
+    epilogue_backend)
 
 sys.path.insert(0, str(Path(__file__).parent))
+from interpreter_support import require_working_interpreter  # noqa: E402
 from user_support import fixture_image, small_synthetic_model, top_matched  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -35,6 +49,87 @@ def _norm_conv(cin: int, cout: int, k: int, **kw) -> Conv2d:
             getattr(conv.norm, name).copy_(torch.randn(cout, generator=gen) * 0.5)
         conv.norm.running_var.copy_(torch.rand(cout, generator=gen) + 0.5)
     return conv.eval()
+
+
+@pytest.fixture
+def epilogue_launches(monkeypatch):
+    """ZOO_OPS=triton with zoo.kernels in the interpreter; the list grows by one per epilogue kernel launch."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (a CPU-only host); the CUDA tests "
+                    "below cover the compiled kernel")
+    pytest.importorskip("triton")
+    kernels = importlib.import_module("zoo.kernels")
+    if not kernels.INTERPRET:
+        pytest.skip("zoo.kernels was already imported in compiled mode")
+    require_working_interpreter()
+    launches = []
+    real = kernels.conv_epilogue
+    monkeypatch.setattr(kernels, "conv_epilogue", lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setenv("ZOO_OPS", "triton")
+    return launches
+
+
+def _head_convs():
+    """A folded conv+norm with channels-last weights (the backbone's, as fast_convs runs it), a plain conv (the
+    heads'), a transposed conv (the mask head's deconv)."""
+    folded = _norm_conv(8, 16, 3, padding=1).to(memory_format=torch.channels_last)
+    folded.fold_norm = True
+    torch.manual_seed(3)
+    return {"folded": folded, "plain": nn.Conv2d(8, 16, 3, padding=1).eval(),
+            "deconv": nn.ConvTranspose2d(8, 16, 2, stride=2).eval()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["folded", "plain", "deconv"])
+def test_conv_relu_runs_the_triton_epilogue(epilogue_launches, kind, dtype):
+    conv = _head_convs()[kind]
+    fmt = torch.channels_last if kind == "folded" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 10, 12, generator=gen).contiguous(memory_format=fmt)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        w, b = _inference_params(conv, x)
+        y = _unbiased(conv, x, w)
+        residuals = [None] if kind == "deconv" else [None, torch.randn(y.shape, generator=gen).to(y.dtype)
+                                                     .contiguous(memory_format=fmt)]
+        for r in residuals:
+            # the same arithmetic in PyTorch's ops: conv without bias, bias, residual, relu
+            want = y + b.view(1, -1, 1, 1)
+            want = torch.relu(want if r is None else want + r)
+            n = len(epilogue_launches)
+            got = conv_relu(conv, x, residual=r)
+            assert len(epilogue_launches) == n + 1
+            assert torch.equal(got, want) and got.dtype == want.dtype and got.stride() == want.stride()
+            # and conv_relu's PyTorch path (CPU convolutions add their bias their own way: close, not equal)
+            with epilogue_backend("torch"):
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(conv_relu(conv, x, residual=r), got, rtol=tol, atol=tol)
+            assert len(epilogue_launches) == n + 1
+
+
+def test_fpn_sum_runs_the_triton_epilogue(epilogue_launches):
+    conv = _head_convs()["plain"].to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 10, 12, generator=gen).contiguous(memory_format=torch.channels_last)
+    top = torch.randn(2, 16, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = conv_plus_upsampled(conv, x, top)
+        assert epilogue_launches == [(2, 16, 10, 12)]
+        up = F.interpolate(top, scale_factor=2.0, mode="nearest")
+        assert torch.equal(got, F.conv2d(x, conv.weight, None, padding=1) + conv.bias.view(1, -1, 1, 1) + up)
+        with epilogue_backend("torch"):  # Detectron2's own expression
+            assert torch.equal(conv_plus_upsampled(conv, x, top), conv(x) + up)
+        nchw = conv_plus_upsampled(conv, x.contiguous(), top.contiguous())  # not the kernel's layout: PyTorch's ops
+        torch.testing.assert_close(nchw, got, rtol=1e-5, atol=1e-5)
+    assert len(epilogue_launches) == 1
+
+
+def test_epilogue_leaves_calls_that_need_gradients_alone(epilogue_launches):
+    conv = _head_convs()["plain"]
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    out = conv_relu(conv, x)
+    assert out.grad_fn is not None and epilogue_launches == []
+    out.sum().backward()
+    assert conv.weight.grad is not None
 
 
 def test_conv_relu_is_relu_of_conv_plus_residual():
@@ -112,3 +207,56 @@ def test_cuda_predict_with_fusion_matches_without(model, precision):
         m.precision = "fp32"
         model.cpu()
     assert top_matched(ref, out, 25, 0.9) >= 0.95
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_epilogue_is_bit_identical_to_pytorchs_passes(dtype):
+    # the same cuDNN convolution, then either PyTorch's bias add_, residual add and relu_ or the one Triton pass
+    gen = torch.Generator().manual_seed(6)
+    convs = {k: c.cuda() for k, c in _head_convs().items()}
+    convs["plain_nhwc"] = _head_convs()["plain"].cuda().to(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), \
+            torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        for kind, conv in convs.items():
+            fmt = torch.contiguous_format if kind in ("plain", "deconv") else torch.channels_last
+            x = torch.randn(2, 8, 40, 36, generator=gen).cuda().contiguous(memory_format=fmt)
+            want = {}
+            with epilogue_backend("torch"):
+                want["relu"] = conv_relu(conv, x)
+                if kind != "deconv":
+                    r = (want["relu"] - 0.5).contiguous(memory_format=fmt)  # a residual with negatives
+                    want["residual"] = conv_relu(conv, x, residual=r)
+            got = {"relu": conv_relu(conv, x)}
+            if kind != "deconv":
+                got["residual"] = conv_relu(conv, x, residual=r)
+            for case in want:
+                assert got[case].dtype == want[case].dtype and got[case].stride() == want[case].stride()
+                assert torch.equal(got[case], want[case]), (kind, case, (got[case] - want[case]).abs().max())
+        # the FPN's top-down sum
+        lateral = convs["plain_nhwc"]
+        x = torch.randn(2, 8, 40, 36, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+        top = torch.randn(2, 16, 20, 18, generator=gen).cuda().to(lateral(x).dtype)
+        top = top.contiguous(memory_format=torch.channels_last)
+        with epilogue_backend("torch"):
+            want = conv_plus_upsampled(lateral, x, top)
+        got = conv_plus_upsampled(lateral, x, top)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_cuda_predict_with_the_epilogue_is_identical(model, precision):
+    img = fixture_image("grace_hopper")
+    m = model.cuda()
+    try:
+        m.precision = precision
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            with epilogue_backend("torch"):
+                ref = m.predict(img)
+            out = m.predict(img)
+    finally:
+        m.precision = None
+        model.cpu()
+    assert torch.equal(out.boxes, ref.boxes) and torch.equal(out.scores, ref.scores)
+    assert torch.equal(out.labels, ref.labels) and torch.equal(out.masks, ref.masks)

@@ -29,11 +29,12 @@ CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 results = []
 
 
-def compile_one(label, fn, types, consts, **opts):
-    """As launched: PyTorch's tensors start 16-byte aligned, and Triton specialises pointers on it."""
+def compile_one(label, fn, types, consts, divisible=(), **opts):
+    """As launched: PyTorch's tensors start 16-byte aligned, and Triton specialises pointers on it, and integer
+    arguments on being multiples of 16 (`divisible`: those that are)."""
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if a not in consts and types[a].startswith("*")}
+             if a not in consts and (types[a].startswith("*") or a in divisible)}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
                        options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -105,6 +106,17 @@ PA = importlib.import_module("zoo.kernels.paste")
 types = {"masks_ptr": "*fp32", "boxes_ptr": "*fp32", "out_ptr": "*u8", "H": "i32", "W": "i32", "thr": "fp32"}
 compile_one("paste_masks", PA._paste_kernel, types, dict(M=28, BLOCK_H=PA._BLOCK_H, BLOCK_W=PA._BLOCK_W),
             num_warps=4, enable_fp_fusion=False)
+EP = importlib.import_module("zoo.kernels.epilogue")
+for dt in ("fp32", "bf16"):
+    types = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "r_ptr": "*" + dt, "R": "i32", "S": "i32", "C": "i32",
+             "H": "i32", "W": "i32"}
+    # channels-last maps of 256 channels (rows of S = C = 256), each residual mode; NCHW with a residual
+    for rows_bias, mode, s in ((False, 0, 256), (False, 1, 256), (False, 2, 256), (True, 1, 200 * 304)):
+        block_r, block_s = EP._blocks(s)
+        compile_one(f"epilogue_{dt}_{'nchw' if rows_bias else 'nhwc'}_res{mode}", EP._epilogue_kernel, types,
+                    dict(HAS_BIAS=True, BIAS_ON_ROWS=rows_bias, RESIDUAL=mode, RELU=True, ROUND=dt != "fp32",
+                         BLOCK_R=block_r, BLOCK_S=block_s), divisible=("S", "C"), num_warps=4,
+                    enable_fp_fusion=False)
 print("RESULTS " + json.dumps(results))
 '''
 
@@ -121,7 +133,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(l for l in res.stdout.splitlines() if l.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 38
+    assert len(results) == 46
     # fp64 NMS (a rare path) may keep a few bytes of stack, and so may the fp32 14x14 pooler on NCHW maps (which the
     # networks never pool from on a GPU: 8 bytes as launched, with 16-byte aligned pointers); nothing else may.
     spilled = [r for r in results if (r["stack"] or r["local"])
@@ -133,3 +145,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert len(cl_fwd) == 16
     narrow = [r for r in cl_fwd if (r["wide_loads"] > 0) == r["kernel"].endswith("_odd_C")]
     assert not narrow, narrow
+    # the epilogue streams whole rows of channels-last maps: 16 bytes per load and store where S is a multiple of 16
+    epilogue = [r for r in results if r["kernel"].startswith("epilogue_")]
+    assert len(epilogue) == 8
+    assert all(r["wide_loads"] > 0 for r in epilogue if "_nhwc" in r["kernel"]), epilogue

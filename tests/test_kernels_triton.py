@@ -610,3 +610,89 @@ def test_kernels_from_several_threads_at_once(K):
         got = list(pool.map(lambda i: jobs[i % 3](), range(18)))
     for i, g in enumerate(got):
         assert torch.equal(g, want[i % 3]), i
+
+
+def _epilogue_case(gen, shape, dtype, fmt, residual):
+    y = (torch.randn(shape, generator=gen) * 4).to(dtype).contiguous(memory_format=fmt)
+    flat = y.permute(0, 2, 3, 1).reshape(-1) if fmt == torch.channels_last else y.view(-1)
+    specials = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), 0.0, -1e-30])
+    flat[:min(6, flat.numel())] = specials[:flat.numel()].to(dtype)  # through the view: y itself changes
+    b = torch.randn(shape[1], generator=gen).to(dtype)
+    r = None
+    if residual == "same":
+        r = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    elif residual == "upsampled":
+        n, c, h, w = shape
+        r = torch.randn(n, c, h // 2, w // 2, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    return y, b, r
+
+
+def _assert_same_bits(out, want):
+    assert out.dtype == want.dtype and out.stride() == want.stride()
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(0.0), want.nan_to_num(0.0))
+    assert torch.equal(out.signbit() | out.isnan(), want.signbit() | want.isnan())  # -0.0 too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,residual", [(torch.channels_last, None), (torch.channels_last, "same"),
+                                          (torch.channels_last, "upsampled"), (torch.contiguous_format, None),
+                                          (torch.contiguous_format, "same")])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 4), (1, 80, 4, 10), (1, 2, 70, 66)])
+def test_conv_epilogue_is_bit_identical_to_torch_ops(K, dtype, fmt, residual, shape):
+    gen = torch.Generator().manual_seed(sum(shape) + len(str(residual)))
+    y, b, r = _epilogue_case(gen, shape, dtype, fmt, residual)
+    up = residual == "upsampled"
+    for relu in (True, False):
+        want = ops.conv_epilogue(y.clone(), b, r, relu, upsampled=up, backend="torch")
+        # the torch backend is PyTorch's own out-of-place arithmetic, in that order
+        expect = y + b.view(1, -1, 1, 1)
+        if r is not None:
+            expect = expect + (torch.nn.functional.interpolate(r, scale_factor=2.0, mode="nearest") if up else r)
+        torch.testing.assert_close(want, torch.relu(expect) if relu else expect, rtol=0, atol=0, equal_nan=True)
+        got = y.clone()
+        out = ops.conv_epilogue(got, b, r, relu, upsampled=up, backend="triton")
+        assert out is got  # in place
+        _assert_same_bits(out, want)
+
+
+def test_conv_epilogue_rounds_half_results_like_pytorch(K):
+    # fp32 sums exactly halfway between two bf16 / fp16 values (ties to even, up and down), one that carries into
+    # the exponent and ones that overflow: the interpreter's own fp32 -> bf16 cast truncates, the kernel must not
+    cases = {
+        torch.bfloat16: ([1.0, 1 + 2 ** -7, 2 - 2 ** -7, -(1 + 2 ** -7), 3.3e38, 1.0],
+                         [2 ** -8, 2 ** -8, 2 ** -8, -(2 ** -8), 3.3e38, 3 * 2 ** -9]),
+        torch.float16: ([1.0, 1 + 2 ** -10, 2 - 2 ** -10, -(1 + 2 ** -10), 65504.0, 1.0],
+                        [2 ** -11, 2 ** -11, 2 ** -11, -(2 ** -11), 32.0, 3 * 2 ** -12]),
+    }
+    for dtype, (ys, bs) in cases.items():
+        y = torch.tensor(ys).to(dtype).view(1, -1, 1, 1)  # one value per channel, and its own bias
+        b = torch.tensor(bs).to(dtype)
+        want = ops.conv_epilogue(y.clone(), b, None, False, backend="torch")
+        assert want.view(-1)[0] == 1.0 and want.view(-1)[2] == 2.0 and want.view(-1)[4].isinf(), want  # the cases bite
+        _assert_same_bits(ops.conv_epilogue(y.clone(), b, None, False, backend="triton"), want)
+        r = torch.full_like(y, float(ys[1]) / 64)
+        _assert_same_bits(ops.conv_epilogue(y.clone(), b, r, True, backend="triton"),
+                          ops.conv_epilogue(y.clone(), b, r, True, backend="torch"))
+
+
+def test_conv_epilogue_odd_layouts_and_sizes(K):
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(2, 6, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(6, generator=gen)
+    r_nchw = torch.randn(2, 6, 4, 4, generator=gen)  # another layout than y's: PyTorch's ops run it
+    want = ops.conv_epilogue(y.clone(), b, r_nchw, backend="torch")
+    _assert_same_bits(ops.conv_epilogue(y.clone(), b, r_nchw, backend="triton"), want)
+    # no bias (so -0.0 and NaN meet the relu as they are); an empty batch; a non-dense output
+    y[0, :2, 0, 0] = torch.tensor([-0.0, float("nan")])
+    _assert_same_bits(ops.conv_epilogue(y.clone(), None, None, backend="triton"), torch.relu(y))
+    empty = torch.empty(0, 6, 4, 4)
+    assert ops.conv_epilogue(empty, b, None, backend="triton").shape == (0, 6, 4, 4)
+    sliced = torch.randn(2, 6, 4, 8, generator=gen)[..., ::2]
+    _assert_same_bits(ops.conv_epilogue(sliced.clone(), b, backend="triton"),
+                      ops.conv_epilogue(sliced.clone(), b, backend="torch"))
+    from zoo.kernels import epilogue
+
+    assert epilogue.supports(y, b, None, False) and not epilogue.supports(sliced, b, None, False)
+    assert not epilogue.supports(y, b, r_nchw, False) and not epilogue.supports(y.double(), None, None, False)
+    assert not epilogue.supports(y, b, torch.randn(2, 6, 2, 2), True)  # upsampled: channels-last only

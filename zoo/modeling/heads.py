@@ -77,7 +77,7 @@ class MaskRCNNConvUpsampleHead(nn.Module):
         """[R, C, S, S] -> mask logits [R, K or 1, 2S, 2S]."""
         for name in self.conv_names:
             x = conv_relu(getattr(self, name), x)
-        x = F.relu(self.deconv(x))
+        x = conv_relu(self.deconv, x)
         return self.predictor(x)
 
 

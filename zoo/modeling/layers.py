@@ -128,8 +128,8 @@ _CUDNN_FUSION: ContextVar[bool] = ContextVar("zoo_cudnn_fusion", default=False)
 
 
 @contextlib.contextmanager
-def _switched(switch: ContextVar[bool], enabled: bool) -> Iterator[None]:
-    token = switch.set(bool(enabled))
+def _switched(switch: ContextVar, value) -> Iterator[None]:
+    token = switch.set(value)
     try:
         yield
     finally:
@@ -138,17 +138,24 @@ def _switched(switch: ContextVar[bool], enabled: bool) -> Iterator[None]:
 
 def cudnn_fusion(enabled: bool) -> contextlib.AbstractContextManager:
     """Let conv_relu use cuDNN's fused kernels inside this block (CUDA tensors only)."""
-    return _switched(_CUDNN_FUSION, enabled)
+    return _switched(_CUDNN_FUSION, bool(enabled))
 
 
-def _fusable_params(conv: nn.Conv2d, x: torch.Tensor,
-                    residual: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """The (weight, bias) a fused cuDNN call would take for `conv` on `x`, or None where fusion does not apply."""
-    if not (_CUDNN_FUSION.get() and x.is_cuda) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    if conv.kernel_size == (7, 7):  # the stem: cuDNN's fused kernel is known to be slow there (pytorch#68506)
-        return None
-    if not _no_grad_call(conv):
+# Which zoo.ops backend runs what follows a convolution (bias, residual add, relu) in conv_relu and
+# conv_plus_upsampled: None (default) is the ops' own choice, Triton's one-pass kernel on CUDA; "torch" PyTorch's
+# separate ops, bit-identical, for benchmarks to compare against
+_EPILOGUE_BACKEND: ContextVar[Optional[str]] = ContextVar("zoo_epilogue_backend", default=None)
+
+
+def epilogue_backend(backend: Optional[str]) -> contextlib.AbstractContextManager:
+    """Run the convolutions' epilogues inside this block with `backend` (None, "torch" or "triton")."""
+    return _switched(_EPILOGUE_BACKEND, backend)
+
+
+def _inference_params(conv: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The (weight, bias) that a call of `conv` on `x` that needs no gradient runs with (the folded norm's, in
+    autocast's dtype), or None where the conv must run as itself (gradients, an unfolded norm, fp64, padding modes)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or not _no_grad_call(conv):
         return None
     if isinstance(conv, Conv2d) and conv.norm is not None:
         if not conv.fold_norm:
@@ -159,25 +166,64 @@ def _fusable_params(conv: nn.Conv2d, x: torch.Tensor,
         cast = autocast_dtype(x.device.type)
         if cast is not None:
             w, b = w.to(cast), (None if b is None else b.to(cast))
-    if x.dtype == torch.float64 or x.dtype != w.dtype or (residual is not None and residual.dtype != x.dtype):
-        return None
-    return w, b
+    return None if torch.float64 in (x.dtype, w.dtype) else (w, b)
 
 
-def conv_relu(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """relu(conv(x) + residual): inside cudnn_fusion(True), on CUDA, one cuDNN call instead of a convolution and
-    the separate bias add, residual add and relu that PyTorch runs after it."""
-    params = _fusable_params(conv, x, residual)
+def _fused(conv: nn.Module, x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """Whether cuDNN's fused conv + bias (+ add) + relu runs this call."""
+    return (_CUDNN_FUSION.get() and x.is_cuda and not isinstance(conv, nn.ConvTranspose2d)
+            # the stem: cuDNN's fused kernel is known to be slow there (pytorch#68506)
+            and conv.kernel_size != (7, 7)
+            and x.dtype == w.dtype and (residual is None or residual.dtype == x.dtype))
+
+
+def _epilogue_on(x: torch.Tensor) -> bool:
+    from zoo import ops
+
+    return ops.resolve_backend(_EPILOGUE_BACKEND.get(), x) == "triton"
+
+
+def _unbiased(conv: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`conv` on `x` with weight `w` and no bias (PyTorch adds a cuDNN convolution's bias in a pass of its own)."""
+    if isinstance(conv, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, w, None, conv.stride, conv.padding, conv.output_padding, conv.groups,
+                                  conv.dilation)
+    return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_relu(conv: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(conv(x) + residual) for a Conv2d or ConvTranspose2d. On CUDA the bias, residual add and relu that
+    PyTorch runs as separate passes after the convolution run as one Triton pass with the same rounding
+    (zoo.ops.conv_epilogue); inside cudnn_fusion(True) cuDNN's fused conv + bias (+ add) + relu runs instead,
+    where it applies."""
+    from zoo import ops
+
+    params = _inference_params(conv, x)
     if params is not None:
         w, b = params
-        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        if residual is None:
-            return torch.cudnn_convolution_relu(x, w, b, *geometry)
-        return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *geometry)
+        if _fused(conv, x, w, residual):
+            geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            if residual is None:
+                return torch.cudnn_convolution_relu(x, w, b, *geometry)
+            return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *geometry)
+        if _epilogue_on(x):
+            return ops.conv_epilogue(_unbiased(conv, x, w), b, residual, relu=True, backend="triton")
     out = conv(x)
     if residual is not None:
         out += residual
     return F.relu_(out)
+
+
+def conv_plus_upsampled(conv: nn.Module, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """conv(x) + F.interpolate(top, scale_factor=2.0, mode="nearest"), an FPN's lateral sum; on CUDA the bias and
+    the upsampled add run as one Triton pass that reads `top` where the upsampled copy would be."""
+    from zoo import ops
+
+    params = _inference_params(conv, x)
+    if params is not None and _epilogue_on(x):
+        w, b = params
+        return ops.conv_epilogue(_unbiased(conv, x, w), b, top, relu=False, upsampled=True, backend="triton")
+    return conv(x) + F.interpolate(top, scale_factor=2.0, mode="nearest")
 
 
 # precision="tf32": the box head's fully connected layers run on TF32 tensor cores (CUDA). A context, like
@@ -208,7 +254,7 @@ def _set_matmul_precision(value: str) -> None:
 
 def tf32_fc(enabled: bool) -> contextlib.AbstractContextManager:
     """Let fc_matmul launch in TF32 inside this block (fp32 CUDA tensors)."""
-    return _switched(_TF32_FC, enabled)
+    return _switched(_TF32_FC, bool(enabled))
 
 
 @contextlib.contextmanager

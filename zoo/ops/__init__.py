@@ -40,7 +40,7 @@ from zoo.ops import reference
 from zoo.ops.reference import BoxesLike
 
 __all__ = ["roi_align", "multilevel_roi_align", "nms", "batched_nms", "nms_fixed", "batched_nms_fixed",
-           "paste_masks", "resolve_backend", "triton_available", "triton_problem"]
+           "paste_masks", "conv_epilogue", "resolve_backend", "triton_available", "triton_problem"]
 
 _BACKENDS = ("torch", "triton")
 MIN_TRITON = (3, 3)  # the oldest triton the kernels are checked against (torch >= 2.7 ships it)
@@ -233,3 +233,26 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Sequence[int], thresho
         if resolve_backend(backend, masks) == "triton":
             return _kernels(masks).paste_masks(masks, boxes, image_size, threshold)
         return paste.paste_masks(masks, boxes, image_size, threshold, batched)
+
+
+def conv_epilogue(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None, relu: bool = True,
+                  *, upsampled: bool = False, backend: Optional[str] = None) -> Tensor:
+    """What follows a convolution without its bias, in place: y <- relu((y + bias) + residual), each step rounded
+    as PyTorch's ops round it (returns y). `bias` has one value per channel; `residual` y's shape, or with
+    `upsampled` half its height and width, read nearest-neighbour as F.interpolate(scale_factor=2.0) would give it
+    (an FPN's top-down sum). The triton backend does it in one pass over y, bit-identical to the torch backend's
+    add_, add_, relu_; for layouts it does not take (dense NCHW or channels-last; channels-last with `upsampled`)
+    it runs those ops itself."""
+    with _no_autocast(y):
+        if resolve_backend(backend, y) == "triton":
+            kernels = _kernels(y)
+            from zoo.kernels import epilogue
+
+            if epilogue.supports(y, bias, residual, upsampled):
+                return kernels.conv_epilogue(y, bias, residual, relu, upsampled)
+        if bias is not None:
+            y.add_(bias.view(1, -1, *([1] * (y.dim() - 2))))
+        if residual is not None:
+            y.add_(torch.nn.functional.interpolate(residual, scale_factor=2.0, mode="nearest") if upsampled
+                   else residual)
+        return y.relu_() if relu else y

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...manifest import FPNSpec
+from ..layers import conv_plus_upsampled
 from .resnet import ResNet
 
 
@@ -38,12 +40,11 @@ class FPN(nn.Module):
         """Bottom-up, then top-down with lateral sums; P6 subsamples P5."""
         feats = self.bottom_up(x)
         outs: list[torch.Tensor] = []
-        prev = None
+        prev: Optional[torch.Tensor] = None
         for f, s in zip(reversed(self.in_features), reversed(self.stages)):
-            lateral = getattr(self, f"fpn_lateral{s}")(feats[f])
-            if prev is not None:
-                lateral = lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")
-            prev = lateral
+            lateral_conv = getattr(self, f"fpn_lateral{s}")
+            # the top-down sum: lateral + prev upsampled 2x (nearest)
+            prev = lateral_conv(feats[f]) if prev is None else conv_plus_upsampled(lateral_conv, feats[f], prev)
             outs.insert(0, getattr(self, f"fpn_output{s}")(prev))
         outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2, padding=0))
         return dict(zip(self._strides.keys(), outs))

@@ -28,7 +28,7 @@ class BasicStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stem forward."""
-        x = F.relu_(self.conv1(x))
+        x = conv_relu(self.conv1, x)
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 

@@ -1,4 +1,5 @@
-"""Detection ops (ROIAlign, FPN ROI pooler, NMS) with a torch and a Triton backend.
+"""Detection ops (ROIAlign, FPN ROI pooler, NMS, mask paste) and the convolutions' epilogue, each with a torch and
+a Triton backend.
 
 Backend choice: an explicit ``backend=`` argument wins, then the ``ZOO_OPS``
 environment variable (``torch`` or ``triton``), then "triton" for CUDA tensors when

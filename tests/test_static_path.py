@@ -208,6 +208,7 @@ def test_a_graph_keeps_the_cached_tensors_it_reads(monkeypatch):
     cache = GraphCache(m)
     with torch.inference_mode():
         a = m.preprocess([_image("grace_hopper")])
+        m._lay_out_convs(a.tensor.device)  # as _detect_unpasted does first: the layout change moves the weights
         for _ in range(2):  # the second use captures
             cache.run(m, a, _as_is)
     (held,) = cache._graphs.values()
@@ -822,3 +823,30 @@ def test_cuda_batched_nms_fixed_matches_torchvision():
                                                    backend="triton")
         assert bool(complete) and int(cnt) == want.numel()
         assert torch.equal(out[: want.numel()], want)
+
+
+def test_graph_keys_see_weights_replaced_or_swapped_by_hand():
+    # a graph replays the addresses it was captured with: a parameter object replaced (conv.weight = ...), a .data
+    # swapped or a module replaced after a capture must give another key, so the stale graphs go
+    from zoo.modeling.graphs import GraphCache
+
+    m = _tiny("mask_rcnn_R_50_FPN_3x")
+    cache = GraphCache(m)
+    batch = SimpleNamespace(tensor=torch.zeros(1, 3, 64, 96))
+    keys = [cache._key(m, batch)]
+    assert cache._key(m, batch) == keys[0]  # nothing changed, nothing seen
+    cls = m.roi_heads.box_predictor.cls_score
+    with torch.no_grad():
+        cls.weight = torch.nn.Parameter(cls.weight.clone())
+        keys.append(cache._key(m, batch))
+        cls.bias.data = cls.bias.data.clone()
+        keys.append(cache._key(m, batch))
+        cls.bias.add_(0)
+        keys.append(cache._key(m, batch))
+        old = m.roi_heads.box_predictor.bbox_pred
+        m.roi_heads.box_predictor.bbox_pred = torch.nn.Linear(old.in_features, old.out_features)
+        keys.append(cache._key(m, batch))
+    assert len({k[-1] for k in keys}) == len(keys), "a change went unseen"
+    assert all(k[:-1] == keys[0][:-1] for k in keys)
+    unrelated = torch.nn.Linear(2, 2)  # modules built elsewhere make the cache list its tensors again: same key
+    assert unrelated is not None and cache._key(m, batch) == keys[-1]

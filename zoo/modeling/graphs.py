@@ -14,6 +14,7 @@ never see or overwrite each other's buffers.
 """
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import warnings
@@ -21,6 +22,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
+from torch import nn
 
 from .detector import resolve_precision
 from .roi_heads import InstanceBatch
@@ -31,6 +33,25 @@ from .roi_heads import InstanceBatch
 STAT_NAMES = ("replays", "eager", "captures", "evictions")
 
 T = TypeVar("T")
+
+
+_address = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
+
+# Parameters, buffers or submodules (re)assigned anywhere in the process: a count the caches compare with the one
+# they last listed their model's tensors at, so that a weight replaced by hand (conv.weight = nn.Parameter(...)) is
+# seen. PyTorch calls these hooks only when a module registers one (construction, assignment), never per forward.
+_registrations = [0]
+
+
+def _registered(*_args) -> None:
+    _registrations[0] += 1
+
+
+for _hook in (nn.modules.module.register_module_parameter_registration_hook,
+              nn.modules.module.register_module_buffer_registration_hook,
+              nn.modules.module.register_module_module_registration_hook):
+    _hook(_registered)
 
 
 class _Held:
@@ -48,9 +69,10 @@ class _Held:
 class GraphCache:
     """Captured graphs of `model.compact_static(model.run_static(...))`, keyed by input signature.
 
-    One per model (GeneralizedRCNN drops it when moved or cast). Weights loaded or edited in place
-    after a capture are noticed through the tensors' versions, and the model's load_state_dict drops its cache
-    (assign=True replaces tensors); replacing a parameter object by hand is not noticed.
+    One per model (GeneralizedRCNN drops it when moved or cast). Weights loaded or edited in place after a capture
+    are noticed through the tensors' versions, a .data swapped through their addresses, a parameter, buffer or
+    module assigned by hand through PyTorch's registration hooks (the tensors are listed again), and the model's
+    load_state_dict drops its cache.
 
     Which signatures hold a graph: each is counted per use (eagerly run ones too), and every
     `halve_every` runs all counts are halved, so they follow the recent mix. A signature is captured on
@@ -70,7 +92,8 @@ class GraphCache:
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         self._runs = 0
         self._seen: OrderedDict[tuple, int] = OrderedDict()  # uses of signatures without a graph
-        self._tensors = list(model.parameters()) + list(model.buffers())
+        self._tensors: list[torch.Tensor] = []
+        self._listed_at: Optional[int] = None  # _registrations when _tensors was listed
         self._graphs: OrderedDict[tuple, _Held] = OrderedDict()  # least recently used first
         self._failed: set[tuple] = set()
         self._versions: Optional[tuple] = None  # the weights' versions in the keys held
@@ -83,9 +106,12 @@ class GraphCache:
 
     def _key(self, model, batch) -> tuple:
         t = batch.tensor
-        # tensor versions, last (run() reads them there): weights changed in place after a capture must not
-        # replay stale folded copies
-        weights = tuple(v._version for v in self._tensors)
+        if self._listed_at != _registrations[0]:
+            self._tensors = list(model.parameters()) + list(model.buffers())
+            self._listed_at = _registrations[0]
+        # each weight's address and version, last (run() reads them there): a graph reads the addresses it was
+        # captured with, so weights changed in place, swapped (.data) or replaced after a capture must not replay
+        weights = (tuple(map(_address, self._tensors)), tuple(map(_version, self._tensors)))  # map: ~2x a genexpr
         return (tuple(t.shape), str(t.device), resolve_precision(model.precision, t.device),
                 os.environ.get("ZOO_OPS", ""), model.graph_settings(), weights)
 

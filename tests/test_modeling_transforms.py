@@ -122,6 +122,18 @@ def test_normalize_and_pad_single_and_batch():
     assert two[1, :, :, 4:].abs().sum() == 0
 
 
+def test_normalize_and_pad_reorders_channels_and_lays_out_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor([100.0, 110.0, 120.0]), torch.tensor([55.0, 56.0, 57.0])
+    hwc = [torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8) for h, w in ((5, 7), (6, 4))]
+    views = [t.permute(2, 0, 1) for t in hwc]  # what prepare hands over: channels-last strides, RGB
+    want = normalize_and_pad([v.flip(0).contiguous() for v in views], mean, std, 4)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = normalize_and_pad(views, mean, std, 4, flip_channels=True, memory_format=fmt)
+        assert got.is_contiguous(memory_format=fmt) and torch.equal(got, want)
+    assert not torch.equal(normalize_and_pad(views, mean, std, 4), want)  # the flip bites
+
+
 @pytest.mark.parametrize("name", ["faster_rcnn_R_50_FPN_3x", "faster_rcnn_X_101_32x8d_FPN_3x"])
 def test_preprocess_channel_order_and_sizes(name):
     model = build_model(zoo.get_manifest(name).architecture)

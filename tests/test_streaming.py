@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -227,6 +228,40 @@ def test_predict_iter_copes_with_a_caller_that_reuses_one_buffer(model, kind):
     got = list(model.predict_iter(reader(), window=3, workers=2))
     for f, d in zip(frames, got):
         _same(model.predict(f), d)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_predict_iter_reads_a_reused_buffer_already_at_the_network_size(model, workers):
+    # an array at the network's size is not resized, and prepare hands its memory on without a copy; a batch of
+    # three waits for its third image, so without predict_iter's own copy all three would read the last frame
+    from zoo.modeling.transforms import resized_size
+
+    g = fixture_image("grace_hopper")
+    base = np.array(model.prepare(g).tensor.permute(1, 2, 0))  # grace_hopper at the network's size
+    assert base.shape[:2] == resized_size(*g.shape[:2], model.min_size_test, model.max_size_test) != g.shape[:2]
+    frames = [base, np.ascontiguousarray(base[:, ::-1]), np.ascontiguousarray(base[::-1])]
+    shared = model.prepare(frames[0]).tensor
+    assert shared.data_ptr() == frames[0].ctypes.data  # no host copy
+    buffer = np.empty_like(base)
+
+    def reader():
+        for f in frames:
+            buffer[...] = f
+            yield buffer
+
+    got = list(model.predict_iter(reader(), batch_size=3, window=3, workers=workers))
+    for f, d in zip(frames, got):
+        _same(model.predict(f), d)
+    assert not torch.equal(got[0].boxes, got[1].boxes)
+
+
+def test_prepare_takes_read_only_arrays_quietly(model):
+    g = fixture_image("grace_hopper")
+    frozen = np.array(g)
+    frozen.flags.writeable = False  # as numpy.asarray(PIL image) gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on read-only arrays
+        _same(model.predict(frozen), model.predict(g))
 
 
 def test_predict_iter_can_yield_errors_in_place_and_go_on(model, tmp_path):

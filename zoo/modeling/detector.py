@@ -20,7 +20,7 @@ from .layers import Conv2d, cudnn_fusion, tf32_fc
 from .mask_paste import paste_masks_in_image, postprocess_boxes
 from .roi_heads import InstanceBatch, RawInstances, build_roi_heads
 from .rpn import RPN, ProposalBatch, Proposals
-from .transforms import normalize_and_pad, padded_size, resize_uint8, resized_size, to_rgb_array
+from .transforms import chw_view, normalize_and_pad, padded_size, resize_uint8, resized_size, to_rgb_array
 
 
 # precision name -> autocast dtype (None: fp32 tensors). "fp32" is the path parity is measured on; "tf32" the same
@@ -90,7 +90,7 @@ def check_graph_options(static_shapes: Optional[bool], cuda_graphs: bool, device
 class PreparedImage(NamedTuple):
     """One image after the host-side preprocessing (GeneralizedRCNN.prepare)."""
 
-    tensor: torch.Tensor  # [3, h, w] uint8, resized, in the network's channel order, on the CPU
+    tensor: torch.Tensor  # [3, h, w] uint8 RGB, resized, on the CPU: a view of an HxWx3 array (transforms.chw_view)
     size: tuple[int, int]  # resized (h, w)
     original_size: tuple[int, int]  # (h, w) of the input
 
@@ -224,15 +224,12 @@ class GeneralizedRCNN(nn.Module):
     # ------------------------------------------------------------------ preprocessing
     def prepare(self, image: Any) -> PreparedImage:
         """The host-side part of preprocessing for one image (path, PIL image, HxWx3 uint8 RGB array or uint8
-        image tensor, 3xHxW or HxWx3): decode, resize, channel order. Safe to run on other threads (predict_iter's
-        readers do)."""
+        image tensor, 3xHxW or HxWx3): decode and resize. The result may share an array's memory (one already at
+        the network's size). Safe to run on other threads (predict_iter's readers do)."""
         rgb = to_rgb_array(image)
         h, w = rgb.shape[:2]
         new = resized_size(h, w, self.min_size_test, self.max_size_test)
-        arr = resize_uint8(rgb, new)
-        if self.input_format == "BGR":
-            arr = arr[:, :, ::-1]
-        return PreparedImage(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), new, (h, w))
+        return PreparedImage(chw_view(resize_uint8(rgb, new)), new, (h, w))
 
     def collate(self, prepared: Sequence[PreparedImage]) -> ImageBatch:
         """Prepared images -> normalised, zero-padded batch on the model's device."""
@@ -243,8 +240,12 @@ class GeneralizedRCNN(nn.Module):
                 name = "bf16"
             raise InputError(f"the model's weights are {dtype}, but zoo keeps them float32 and runs reduced "
                              f"precision under autocast: call model.float(), then set model.precision = '{name}'")
-        tensors = [p.tensor.to(self.device, non_blocking=True) for p in prepared]
-        batch = normalize_and_pad(tensors, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        device = self.device
+        tensors = [p.tensor.to(device, non_blocking=True) for p in prepared]
+        # channel order and layout on the device: the backbone's input layout, so that it needs no copy of its own
+        layout = torch.channels_last if self.uses_fast_convs(device) else torch.contiguous_format
+        batch = normalize_and_pad(tensors, self.pixel_mean, self.pixel_std, self.size_divisibility,
+                                  flip_channels=self.input_format == "BGR", memory_format=layout)
         return ImageBatch(batch, [p.size for p in prepared], [p.original_size for p in prepared])
 
     def preprocess(self, images: Sequence[Any]) -> ImageBatch:
@@ -471,7 +472,9 @@ class GeneralizedRCNN(nn.Module):
             except InputError as e:
                 return e
 
-        if workers and copy_arrays:  # a reader thread reads an array later: copy it now, the caller may reuse it
+        # a reader thread reads an array later, and a prepared image may share its memory and wait for its batch:
+        # copy it now, the caller may reuse it
+        if copy_arrays:
             images = (np.array(im) if isinstance(im, np.ndarray)
                       else im.detach().to("cpu", copy=True) if isinstance(im, torch.Tensor) else im for im in images)
         reads = read_ahead(images, prepare if yield_errors else self.prepare, workers, depth=max(window, workers))

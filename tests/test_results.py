@@ -32,6 +32,11 @@ def test_index_like_detectron2_instances():
     assert len(d[torch.tensor([3, 0])]) == 2 and d[torch.tensor([3, 0])].labels.tolist() == [5, 0]
     kept = d.filter(0.4)  # at least 0.4
     assert kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.4]) and kept.masks.shape[0] == 3
+    assert kept.masks.data_ptr() == masks.data_ptr()  # sorted by score: the first three, not a copy
+    assert torch.equal(kept.masks, masks[:3]) and len(d.filter(0.95)) == 0 and len(d.filter(0.0)) == 4
+    shuffled = d[torch.tensor([2, 0, 3, 1])]  # not sorted: the instances that pass, in their order
+    picked = shuffled.filter(0.4)
+    assert picked.scores.tolist() == pytest.approx([0.4, 0.9, 0.8]) and torch.equal(picked.masks, masks[[2, 0, 1]])
     no_masks = _dets([[0, 0, 1, 1]], [0.5], [1])
     assert repr(no_masks).startswith("Detections(1 instance in a 240x320 image, device cpu: bicycle 0.50")
     assert no_masks[0].masks is None and len(no_masks[1:]) == 0

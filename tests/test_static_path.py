@@ -850,3 +850,7 @@ def test_graph_keys_see_weights_replaced_or_swapped_by_hand():
     assert all(k[:-1] == keys[0][:-1] for k in keys)
     unrelated = torch.nn.Linear(2, 2)  # modules built elsewhere make the cache list its tensors again: same key
     assert unrelated is not None and cache._key(m, batch) == keys[-1]
+    from zoo.modeling.layers import epilogue_backend
+
+    with epilogue_backend("torch"):  # the ops a capture records
+        assert cache._key(m, batch) != keys[-1]

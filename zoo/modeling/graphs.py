@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .detector import resolve_precision
+from .layers import current_epilogue_backend
 from .roi_heads import InstanceBatch
 
 
@@ -113,7 +114,7 @@ class GraphCache:
         # captured with, so weights changed in place, swapped (.data) or replaced after a capture must not replay
         weights = (tuple(map(_address, self._tensors)), tuple(map(_version, self._tensors)))  # map: ~2x a genexpr
         return (tuple(t.shape), str(t.device), resolve_precision(model.precision, t.device),
-                os.environ.get("ZOO_OPS", ""), model.graph_settings(), weights)
+                os.environ.get("ZOO_OPS", ""), current_epilogue_backend(), model.graph_settings(), weights)
 
     def run(self, model, batch, take: Callable[[InstanceBatch], T]) -> T:
         """`take` applied to the compacted fixed-shape detections for `batch`, replayed from its signature's

@@ -152,6 +152,11 @@ def epilogue_backend(backend: Optional[str]) -> contextlib.AbstractContextManage
     return _switched(_EPILOGUE_BACKEND, backend)
 
 
+def current_epilogue_backend() -> Optional[str]:
+    """The backend epilogue_backend set here (None: the ops' default); a CUDA graph bakes it in."""
+    return _EPILOGUE_BACKEND.get()
+
+
 def _inference_params(conv: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """The (weight, bias) that a call of `conv` on `x` that needs no gradient runs with (the folded norm's, in
     autocast's dtype), or None where the conv must run as itself (gradients, an unfolded norm, fp64, padding modes)."""
@@ -180,7 +185,7 @@ def _fused(conv: nn.Module, x: torch.Tensor, w: torch.Tensor, residual: Optional
 def _epilogue_on(x: torch.Tensor) -> bool:
     from zoo import ops
 
-    return ops.resolve_backend(_EPILOGUE_BACKEND.get(), x) == "triton"
+    return ops.resolve_backend(current_epilogue_backend(), x) == "triton"
 
 
 def _unbiased(conv: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

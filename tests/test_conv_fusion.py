@@ -106,6 +106,29 @@ def test_conv_relu_runs_the_triton_epilogue(epilogue_launches, kind, dtype):
             assert len(epilogue_launches) == n + 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_end_folds_the_shortcuts_bias_into_the_epilogue(epilogue_launches, dtype):
+    conv3 = _norm_conv(8, 16, 1).to(memory_format=torch.channels_last)
+    shortcut = _norm_conv(12, 16, 1, stride=2).to(memory_format=torch.channels_last)
+    conv3.fold_norm = shortcut.fold_norm = True
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    block_in = torch.randn(2, 12, 10, 12, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        got = conv_relu(conv3, x, residual=block_in, shortcut=shortcut)
+        assert len(epilogue_launches) == 1  # one pass for both biases, the add and the relu
+        w, b = _inference_params(conv3, x)
+        ws, bs = _inference_params(shortcut, block_in)
+        s = _unbiased(shortcut, block_in, ws) + bs.view(1, -1, 1, 1)  # PyTorch's shortcut: conv, then its bias
+        want = torch.relu(_unbiased(conv3, x, w) + b.view(1, -1, 1, 1) + s)
+        assert torch.equal(got, want) and got.dtype == want.dtype
+        with epilogue_backend("torch"):
+            torch.testing.assert_close(conv_relu(conv3, x, residual=shortcut(block_in)), got,
+                                       rtol=1e-5 if dtype == torch.float32 else 2e-2,
+                                       atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert len(epilogue_launches) == 1
+
+
 def test_fpn_sum_runs_the_triton_epilogue(epilogue_launches):
     conv = _head_convs()["plain"].to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(5)
@@ -193,6 +216,25 @@ def test_cuda_fused_equals_unfused(dtype, k, stride, dilation, groups):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_block_end_with_a_shortcut(dtype):
+    # fused, cuDNN adds conv3's and the shortcut's biases as one (their sum): close to the unfused block end
+    conv3 = _norm_conv(8, 16, 1).cuda().to(memory_format=torch.channels_last)
+    shortcut = _norm_conv(12, 16, 1, stride=2).cuda().to(memory_format=torch.channels_last)
+    conv3.fold_norm = shortcut.fold_norm = True
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 8, 20, 18, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+    block_in = torch.randn(2, 12, 40, 36, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        x, block_in = x.to(dtype), block_in.to(dtype)
+        want = conv_relu(conv3, x, residual=block_in, shortcut=shortcut)
+        with cudnn_fusion(True):
+            got = conv_relu(conv3, x, residual=block_in, shortcut=shortcut)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_predict_with_fusion_matches_without(model, precision):
     img = fixture_image("grace_hopper")
@@ -233,6 +275,16 @@ def test_cuda_epilogue_is_bit_identical_to_pytorchs_passes(dtype):
             for case in want:
                 assert got[case].dtype == want[case].dtype and got[case].stride() == want[case].stride()
                 assert torch.equal(got[case], want[case]), (kind, case, (got[case] - want[case]).abs().max())
+        # a block's end with a projection shortcut: its bias joins the epilogue
+        conv3 = convs["folded"]
+        shortcut = _norm_conv(12, 16, 1, stride=2).cuda().to(memory_format=torch.channels_last)
+        shortcut.fold_norm = True
+        x = torch.randn(2, 8, 20, 18, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+        block_in = torch.randn(2, 12, 40, 36, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+        with epilogue_backend("torch"):
+            want = conv_relu(conv3, x, residual=block_in, shortcut=shortcut)
+        got = conv_relu(conv3, x, residual=block_in, shortcut=shortcut)
+        assert got.dtype == want.dtype and torch.equal(got, want), (got - want).abs().max()
         # the FPN's top-down sum
         lateral = convs["plain_nhwc"]
         x = torch.randn(2, 8, 40, 36, generator=gen).cuda().contiguous(memory_format=torch.channels_last)

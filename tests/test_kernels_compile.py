@@ -108,14 +108,17 @@ compile_one("paste_masks", PA._paste_kernel, types, dict(M=28, BLOCK_H=PA._BLOCK
             num_warps=4, enable_fp_fusion=False)
 EP = importlib.import_module("zoo.kernels.epilogue")
 for dt in ("fp32", "bf16"):
-    types = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "r_ptr": "*" + dt, "R": "i32", "S": "i32", "C": "i32",
-             "H": "i32", "W": "i32"}
-    # channels-last maps of 256 channels (rows of S = C = 256), each residual mode; NCHW with a residual
-    for rows_bias, mode, s in ((False, 0, 256), (False, 1, 256), (False, 2, 256), (True, 1, 200 * 304)):
+    types = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "r_ptr": "*" + dt, "rb_ptr": "*" + dt, "R": "i32", "S": "i32",
+             "C": "i32", "H": "i32", "W": "i32"}
+    # channels-last maps of 256 channels (rows of S = C = 256), each residual mode (1b: with a shortcut's bias);
+    # NCHW with a residual
+    for rows_bias, mode, rbias, s in ((False, 0, False, 256), (False, 1, False, 256), (False, 1, True, 256),
+                                      (False, 2, False, 256), (True, 1, False, 200 * 304)):
         block_r, block_s = EP._blocks(s)
-        compile_one(f"epilogue_{dt}_{'nchw' if rows_bias else 'nhwc'}_res{mode}", EP._epilogue_kernel, types,
-                    dict(HAS_BIAS=True, BIAS_ON_ROWS=rows_bias, RESIDUAL=mode, RELU=True, ROUND=dt != "fp32",
-                         BLOCK_R=block_r, BLOCK_S=block_s), divisible=("S", "C"), num_warps=4,
+        compile_one(f"epilogue_{dt}_{'nchw' if rows_bias else 'nhwc'}_res{mode}{'b' if rbias else ''}",
+                    EP._epilogue_kernel, types,
+                    dict(HAS_BIAS=True, BIAS_ON_ROWS=rows_bias, RESIDUAL=mode, RESIDUAL_BIAS=rbias, RELU=True,
+                         ROUND=dt != "fp32", BLOCK_R=block_r, BLOCK_S=block_s), divisible=("S", "C"), num_warps=4,
                     enable_fp_fusion=False)
 print("RESULTS " + json.dumps(results))
 '''
@@ -133,7 +136,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(l for l in res.stdout.splitlines() if l.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 46
+    assert len(results) == 48
     # fp64 NMS (a rare path) may keep a few bytes of stack, and so may the fp32 14x14 pooler on NCHW maps (which the
     # networks never pool from on a GPU: 8 bytes as launched, with 16-byte aligned pointers); nothing else may.
     spilled = [r for r in results if (r["stack"] or r["local"])
@@ -147,5 +150,5 @@ def test_kernels_compile_for_sm90_without_spills():
     assert not narrow, narrow
     # the epilogue streams whole rows of channels-last maps: 16 bytes per load and store where S is a multiple of 16
     epilogue = [r for r in results if r["kernel"].startswith("epilogue_")]
-    assert len(epilogue) == 8
+    assert len(epilogue) == 10
     assert all(r["wide_loads"] > 0 for r in epilogue if "_nhwc" in r["kernel"]), epilogue

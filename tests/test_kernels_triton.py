@@ -636,22 +636,26 @@ def _assert_same_bits(out, want):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt,residual", [(torch.channels_last, None), (torch.channels_last, "same"),
-                                          (torch.channels_last, "upsampled"), (torch.contiguous_format, None),
-                                          (torch.contiguous_format, "same")])
+                                          (torch.channels_last, "biased"), (torch.channels_last, "upsampled"),
+                                          (torch.contiguous_format, None), (torch.contiguous_format, "same"),
+                                          (torch.contiguous_format, "biased")])
 @pytest.mark.parametrize("shape", [(2, 5, 6, 4), (1, 80, 4, 10), (1, 2, 70, 66)])
 def test_conv_epilogue_is_bit_identical_to_torch_ops(K, dtype, fmt, residual, shape):
     gen = torch.Generator().manual_seed(sum(shape) + len(str(residual)))
-    y, b, r = _epilogue_case(gen, shape, dtype, fmt, residual)
+    y, b, r = _epilogue_case(gen, shape, dtype, fmt, "same" if residual == "biased" else residual)
     up = residual == "upsampled"
+    rb = torch.randn(shape[1], generator=gen).to(dtype) if residual == "biased" else None  # a shortcut's bias
     for relu in (True, False):
-        want = ops.conv_epilogue(y.clone(), b, r, relu, upsampled=up, backend="torch")
+        want = ops.conv_epilogue(y.clone(), b, r, relu, upsampled=up, residual_bias=rb, backend="torch")
         # the torch backend is PyTorch's own out-of-place arithmetic, in that order
         expect = y + b.view(1, -1, 1, 1)
         if r is not None:
-            expect = expect + (torch.nn.functional.interpolate(r, scale_factor=2.0, mode="nearest") if up else r)
+            shortcut = r if rb is None else r + rb.view(1, -1, 1, 1)
+            expect = expect + (torch.nn.functional.interpolate(r, scale_factor=2.0, mode="nearest") if up
+                               else shortcut)
         torch.testing.assert_close(want, torch.relu(expect) if relu else expect, rtol=0, atol=0, equal_nan=True)
         got = y.clone()
-        out = ops.conv_epilogue(got, b, r, relu, upsampled=up, backend="triton")
+        out = ops.conv_epilogue(got, b, r, relu, upsampled=up, residual_bias=rb, backend="triton")
         assert out is got  # in place
         _assert_same_bits(out, want)
 
@@ -696,3 +700,6 @@ def test_conv_epilogue_odd_layouts_and_sizes(K):
     assert epilogue.supports(y, b, None, False) and not epilogue.supports(sliced, b, None, False)
     assert not epilogue.supports(y, b, r_nchw, False) and not epilogue.supports(y.double(), None, None, False)
     assert not epilogue.supports(y, b, torch.randn(2, 6, 2, 2), True)  # upsampled: channels-last only
+    assert not epilogue.supports(y, b, None, False, residual_bias=b)  # a residual's bias needs a residual
+    with pytest.raises(ValueError, match="residual_bias needs a residual"):
+        ops.conv_epilogue(y.clone(), b, None, residual_bias=b, backend="triton")

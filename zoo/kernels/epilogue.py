@@ -1,4 +1,5 @@
 """Triton convolution epilogue: relu((y + bias) + residual) in one pass over a convolution's output, in place.
+A projection shortcut's bias can ride along: relu((y + bias) + (shortcut + shortcut_bias)).
 
 PyTorch runs a cuDNN convolution's bias as a separate add_ (cuDNN does not take it), then the residual add and the
 relu as two more kernels: three passes over the output where one does. The arithmetic is the same: fp32 adds in the
@@ -40,9 +41,20 @@ def _half_rounded(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_kernel(y_ptr, b_ptr, r_ptr, R, S, C, H, W,
+def _per_channel(ptr, rows, cols, row_ok, col_ok, C, ON_ROWS: tl.constexpr):
+    """A per-channel vector in fp32, broadcast over the [R, S] tile: channels are rows % C or the columns."""
+    if ON_ROWS:  # one return: compiled Triton checks both branches' types, which differ in shape
+        v = tl.load(ptr + rows % C, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        v = tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return v
+
+
+@triton.jit
+def _epilogue_kernel(y_ptr, b_ptr, r_ptr, rb_ptr, R, S, C, H, W,
                      HAS_BIAS: tl.constexpr, BIAS_ON_ROWS: tl.constexpr, RESIDUAL: tl.constexpr,
-                     RELU: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+                     RESIDUAL_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < R
@@ -52,15 +64,16 @@ def _epilogue_kernel(y_ptr, b_ptr, r_ptr, R, S, C, H, W,
     y = tl.load(y_ptr + offs, mask=mask)
     v = y.to(tl.float32)
     if HAS_BIAS:
-        if BIAS_ON_ROWS:
-            b = tl.load(b_ptr + rows % C, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        else:
-            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        v = v + b
+        v = v + _per_channel(b_ptr, rows, cols, row_ok, col_ok, C, BIAS_ON_ROWS)
         if ROUND:  # PyTorch's half add_ rounds its result to the tensor's dtype
             v = _half_rounded(v, y.dtype)
     if RESIDUAL == 1:
-        v = v + tl.load(r_ptr + offs, mask=mask).to(tl.float32)
+        r = tl.load(r_ptr + offs, mask=mask).to(tl.float32)
+        if RESIDUAL_BIAS:  # a projection shortcut's own bias, added to it first as PyTorch's add_ would
+            r = r + _per_channel(rb_ptr, rows, cols, row_ok, col_ok, C, BIAS_ON_ROWS)
+            if ROUND:
+                r = _half_rounded(r, y.dtype)
+        v = v + r
         if ROUND:
             v = _half_rounded(v, y.dtype)
     if RESIDUAL == 2:  # channels-last rows are pixels (n, h, w); the residual is [N, H // 2, W // 2, C]
@@ -85,12 +98,20 @@ def _blocks(s: int) -> tuple[int, int]:
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def supports(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], upsampled: bool) -> bool:
-    """Whether the kernel can run this epilogue: a 4-d fp32 or half output dense in NCHW or channels-last order, a
-    bias of one value per channel, the residual in the output's dtype and layout."""
+def _per_channel_ok(bias: Optional[Tensor], y: Tensor) -> bool:
+    return bias is None or (bias.dtype in _DTYPES and bias.shape == (y.shape[1],) and bias.device == y.device)
+
+
+def supports(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], upsampled: bool,
+             residual_bias: Optional[Tensor] = None) -> bool:
+    """Whether the kernel can run this epilogue: a 4-d fp32 or half output dense in NCHW or channels-last order,
+    biases of one value per channel, the residual in the output's dtype and layout (a residual bias only with a
+    residual of the output's shape)."""
     if y.dim() != 4 or y.dtype not in _DTYPES:
         return False
-    if bias is not None and (bias.dtype not in _DTYPES or bias.shape != (y.shape[1],) or bias.device != y.device):
+    if not (_per_channel_ok(bias, y) and _per_channel_ok(residual_bias, y)):
+        return False
+    if residual_bias is not None and (residual is None or upsampled):
         return False
     layouts = (torch.channels_last,) if upsampled else (torch.channels_last, torch.contiguous_format)
     fmt = next((f for f in layouts if y.is_contiguous(memory_format=f)), None)
@@ -109,21 +130,25 @@ def supports(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], upsa
 
 
 def conv_epilogue(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None, relu: bool = True,
-                  upsampled: bool = False) -> Tensor:
-    """y <- relu((y + bias) + residual) in place (see the module docstring); returns y. Call supports() first."""
+                  upsampled: bool = False, residual_bias: Optional[Tensor] = None) -> Tensor:
+    """y <- relu((y + bias) + (residual + residual_bias)) in place (see the module docstring); returns y. Call
+    supports() first."""
     n, c, h, w = y.shape
     if y.numel() == 0:
         return y
     channels_last = not y.is_contiguous() or upsampled
     r, s = (n * h * w, c) if channels_last else (n * c, h * w)
     block_r, block_s = _blocks(s)
-    if bias is not None:
-        bias = bias.contiguous()  # read in its own dtype: PyTorch's add_ of a float bias to a half map does too
+    # biases are read in their own dtype: PyTorch's add_ of a float bias to a half map does too
+    bias = None if bias is None else bias.contiguous()
+    residual_bias = None if residual_bias is None else residual_bias.contiguous()
     grid = (triton.cdiv(r, block_r), triton.cdiv(s, block_s))
     mode = NONE if residual is None else (UPSAMPLED if upsampled else SAME)
     with LAUNCH_LOCK:
         _epilogue_kernel[grid](y, y if bias is None else bias, y if residual is None else residual,
+                               y if residual_bias is None else residual_bias,
                                r, s, c, h, w, HAS_BIAS=bias is not None, BIAS_ON_ROWS=not channels_last,
-                               RESIDUAL=mode, RELU=bool(relu), ROUND=y.dtype != torch.float32,
-                               BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4, enable_fp_fusion=False)
+                               RESIDUAL=mode, RESIDUAL_BIAS=residual_bias is not None, RELU=bool(relu),
+                               ROUND=y.dtype != torch.float32, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
+                               enable_fp_fusion=False)
     return y

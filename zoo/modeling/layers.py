@@ -196,23 +196,37 @@ def _unbiased(conv: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def conv_relu(conv: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """relu(conv(x) + residual) for a Conv2d or ConvTranspose2d. On CUDA the bias, residual add and relu that
-    PyTorch runs as separate passes after the convolution run as one Triton pass with the same rounding
-    (zoo.ops.conv_epilogue); inside cudnn_fusion(True) cuDNN's fused conv + bias (+ add) + relu runs instead,
-    where it applies."""
+def conv_relu(conv: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+              shortcut: Optional[nn.Module] = None) -> torch.Tensor:
+    """relu(conv(x) + residual) for a Conv2d or ConvTranspose2d; with `shortcut` (a residual block's projection)
+    relu(conv(x) + shortcut(residual)). On CUDA the bias, residual add and relu that PyTorch runs as separate passes
+    after the convolution run as one Triton pass with the same rounding (zoo.ops.conv_epilogue); inside
+    cudnn_fusion(True) cuDNN's fused conv + bias (+ add) + relu runs instead, where it applies. Either way the
+    shortcut runs without its bias, which that one pass adds (PyTorch would spend a pass of its own on it)."""
     from zoo import ops
 
     params = _inference_params(conv, x)
+    sc = None if params is None or shortcut is None else _inference_params(shortcut, residual)
+    if shortcut is not None and sc is None:
+        residual, shortcut = shortcut(residual), None
     if params is not None:
         w, b = params
-        if _fused(conv, x, w, residual):
+        fused = _fused(conv, x, w, residual)
+        if fused or _epilogue_on(x):
+            shortcut_bias = None
+            if shortcut is not None:
+                residual, shortcut_bias = _unbiased(shortcut, residual, sc[0]), sc[1]
+            if not fused:
+                return ops.conv_epilogue(_unbiased(conv, x, w), b, residual, relu=True, residual_bias=shortcut_bias,
+                                         backend="triton")
             geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
             if residual is None:
                 return torch.cudnn_convolution_relu(x, w, b, *geometry)
+            if shortcut_bias is not None:  # cuDNN adds one bias: both, summed (rounded once more than unfused)
+                b = shortcut_bias if b is None else b + shortcut_bias
             return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *geometry)
-        if _epilogue_on(x):
-            return ops.conv_epilogue(_unbiased(conv, x, w), b, residual, relu=True, backend="triton")
+        if shortcut is not None:
+            residual = shortcut(residual)
     out = conv(x)
     if residual is not None:
         out += residual

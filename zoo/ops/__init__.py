@@ -237,23 +237,33 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Sequence[int], thresho
 
 
 def conv_epilogue(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None, relu: bool = True,
-                  *, upsampled: bool = False, backend: Optional[str] = None) -> Tensor:
+                  *, upsampled: bool = False, residual_bias: Optional[Tensor] = None,
+                  backend: Optional[str] = None) -> Tensor:
     """What follows a convolution without its bias, in place: y <- relu((y + bias) + residual), each step rounded
     as PyTorch's ops round it (returns y). `bias` has one value per channel; `residual` y's shape, or with
     `upsampled` half its height and width, read nearest-neighbour as F.interpolate(scale_factor=2.0) would give it
-    (an FPN's top-down sum). The triton backend does it in one pass over y, bit-identical to the torch backend's
-    add_, add_, relu_; for layouts it does not take (dense NCHW or channels-last; channels-last with `upsampled`)
-    it runs those ops itself."""
+    (an FPN's top-down sum). `residual_bias` (one per channel, with a residual of y's shape) is added to the
+    residual first: a projection shortcut's bias, its convolution run without it. The triton backend does it in one
+    pass over y, bit-identical to the torch backend's add_, add_, relu_; for layouts it does not take (dense NCHW or
+    channels-last; channels-last with `upsampled`) it runs those ops itself."""
+    def per_channel(b: Tensor) -> Tensor:
+        return b.view(1, -1, *([1] * (y.dim() - 2)))
+
+    if residual_bias is not None and (residual is None or upsampled):
+        raise ValueError("conv_epilogue: residual_bias needs a residual of the output's shape")
     with _no_autocast(y):
         if resolve_backend(backend, y) == "triton":
             kernels = _kernels(y)
             from zoo.kernels import epilogue
 
-            if epilogue.supports(y, bias, residual, upsampled):
-                return kernels.conv_epilogue(y, bias, residual, relu, upsampled)
+            if epilogue.supports(y, bias, residual, upsampled, residual_bias):
+                return kernels.conv_epilogue(y, bias, residual, relu, upsampled, residual_bias)
         if bias is not None:
-            y.add_(bias.view(1, -1, *([1] * (y.dim() - 2))))
+            y.add_(per_channel(bias))
         if residual is not None:
-            y.add_(torch.nn.functional.interpolate(residual, scale_factor=2.0, mode="nearest") if upsampled
-                   else residual)
+            if upsampled:
+                residual = torch.nn.functional.interpolate(residual, scale_factor=2.0, mode="nearest")
+            elif residual_bias is not None:
+                residual = residual + per_channel(residual_bias)
+            y.add_(residual)
         return y.relu_() if relu else y

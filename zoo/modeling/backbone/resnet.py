@@ -52,7 +52,7 @@ class BottleneckBlock(nn.Module):
         """Block forward."""
         out = conv_relu(self.conv1, x)
         out = conv_relu(self.conv2, out)
-        return conv_relu(self.conv3, out, residual=x if self.shortcut is None else self.shortcut(x))
+        return conv_relu(self.conv3, out, residual=x, shortcut=self.shortcut)
 
 
 def make_stage(num_blocks: int, first_stride: int, in_channels: int, out_channels: int,

@@ -110,15 +110,14 @@ EP = importlib.import_module("zoo.kernels.epilogue")
 for dt in ("fp32", "bf16"):
     types = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "r_ptr": "*" + dt, "rb_ptr": "*" + dt, "R": "i32", "S": "i32",
              "C": "i32", "H": "i32", "W": "i32"}
-    # channels-last maps of 256 channels (rows of S = C = 256), each residual mode (1b: with a shortcut's bias);
-    # NCHW with a residual
-    for rows_bias, mode, rbias, s in ((False, 0, False, 256), (False, 1, False, 256), (False, 1, True, 256),
-                                      (False, 2, False, 256), (True, 1, False, 200 * 304)):
-        block_r, block_s = EP._blocks(s)
+    # channels-last maps (rows of S = C channels, a multiple of 16), each residual mode (1b: with a shortcut's
+    # bias); NCHW with a residual
+    for rows_bias, mode, rbias in ((False, 0, False), (False, 1, False), (False, 1, True), (False, 2, False),
+                                   (True, 1, False)):
         compile_one(f"epilogue_{dt}_{'nchw' if rows_bias else 'nhwc'}_res{mode}{'b' if rbias else ''}",
                     EP._epilogue_kernel, types,
                     dict(HAS_BIAS=True, BIAS_ON_ROWS=rows_bias, RESIDUAL=mode, RESIDUAL_BIAS=rbias, RELU=True,
-                         ROUND=dt != "fp32", BLOCK_R=block_r, BLOCK_S=block_s), divisible=("S", "C"), num_warps=4,
+                         ROUND=dt != "fp32", BLOCK_R=EP.BLOCK, BLOCK_S=EP.BLOCK), divisible=("S",), num_warps=4,
                     enable_fp_fusion=False)
 print("RESULTS " + json.dumps(results))
 '''

@@ -23,7 +23,10 @@ from torch import Tensor
 
 from zoo.kernels.launch import LAUNCH_LOCK
 
-_TILE = 4096  # elements a program handles: 16 KB of fp32 read, plenty of loads in flight per SM
+# A program's tile: 64 rows x 64 columns (16 KB of fp32), whatever the map's size, so that one compiled kernel per
+# dtype and mode serves every layer and image size (the sizes are not specialised on either, except S's
+# divisibility by 16, which gives 16-byte accesses): a first call compiles a handful, not one per shape
+BLOCK = 64
 
 # residual modes
 NONE, SAME, UPSAMPLED = 0, 1, 2
@@ -50,13 +53,16 @@ def _per_channel(ptr, rows, cols, row_ok, col_ok, C, ON_ROWS: tl.constexpr):
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "C", "H", "W"])
 def _epilogue_kernel(y_ptr, b_ptr, r_ptr, rb_ptr, R, S, C, H, W,
                      HAS_BIAS: tl.constexpr, BIAS_ON_ROWS: tl.constexpr, RESIDUAL: tl.constexpr,
                      RESIDUAL_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_S: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # a 1-d grid of tiles (CUDA caps a grid's other axes at 65535), row-major over the [R, S] matrix
+    col_tiles = tl.cdiv(S, BLOCK_S)
+    pid = tl.program_id(0)
+    rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % col_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < R
     col_ok = cols < S
     mask = row_ok[:, None] & col_ok[None, :]
@@ -88,11 +94,6 @@ def _epilogue_kernel(y_ptr, b_ptr, r_ptr, rb_ptr, R, S, C, H, W,
     if RELU:  # relu as PyTorch's clamp_min(v, 0): NaN stays NaN, and so does -0.0 (on CPU; GPU test: values)
         v = tl.where(v < 0.0, 0.0, v)
     tl.store(y_ptr + offs, v.to(y.dtype), mask=mask)
-
-
-def _blocks(s: int) -> tuple[int, int]:
-    block_s = min(triton.next_power_of_2(max(s, 1)), _TILE)
-    return max(1, _TILE // block_s), block_s
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,17 +139,16 @@ def conv_epilogue(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] 
         return y
     channels_last = not y.is_contiguous() or upsampled
     r, s = (n * h * w, c) if channels_last else (n * c, h * w)
-    block_r, block_s = _blocks(s)
     # biases are read in their own dtype: PyTorch's add_ of a float bias to a half map does too
     bias = None if bias is None else bias.contiguous()
     residual_bias = None if residual_bias is None else residual_bias.contiguous()
-    grid = (triton.cdiv(r, block_r), triton.cdiv(s, block_s))
+    grid = (triton.cdiv(r, BLOCK) * triton.cdiv(s, BLOCK),)
     mode = NONE if residual is None else (UPSAMPLED if upsampled else SAME)
     with LAUNCH_LOCK:
         _epilogue_kernel[grid](y, y if bias is None else bias, y if residual is None else residual,
                                y if residual_bias is None else residual_bias,
                                r, s, c, h, w, HAS_BIAS=bias is not None, BIAS_ON_ROWS=not channels_last,
                                RESIDUAL=mode, RESIDUAL_BIAS=residual_bias is not None, RELU=bool(relu),
-                               ROUND=y.dtype != torch.float32, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
+                               ROUND=y.dtype != torch.float32, BLOCK_R=BLOCK, BLOCK_S=BLOCK, num_warps=4,
                                enable_fp_fusion=False)
     return y

@@ -256,6 +256,21 @@ def test_predict_iter_reads_a_reused_buffer_already_at_the_network_size(model):
             _same(a, b)
 
 
+def test_predict_starts_reader_threads_only_where_there_is_reading_to_do(model, monkeypatch):
+    from zoo.modeling import streaming
+
+    calls = []
+    real = streaming.read_ahead
+    monkeypatch.setattr(streaming, "read_ahead", lambda items, fn, workers, depth: calls.append(workers) or
+                        real(items, fn, workers, depth))
+    g = fixture_image("grace_hopper")
+    sized = np.array(model.prepare(g).tensor.permute(1, 2, 0))  # already at the network's size: nothing to read
+    a = model.predict([sized, sized[::-1].copy()])
+    b = model.predict([sized, g])  # grace_hopper itself needs a resize
+    assert calls == [0, 2]
+    _same(a[0], b[0])
+
+
 def test_prepare_takes_read_only_arrays_quietly(model):
     g = fixture_image("grace_hopper")
     frozen = np.array(g)

@@ -429,10 +429,22 @@ class GeneralizedRCNN(nn.Module):
         _check_positive("batch_size", batch_size, allow_none=True)
         if self.training:
             self.eval()
-        # the list holds every image already: no window, and no copies of arrays (nothing reuses them meanwhile)
-        dets = list(self._stream(images, batch_size or len(images), exact, workers=0 if single else 2,
-                                 window=len(images), copy_arrays=False))
+        # the list holds every image already: no window, and no copies of arrays (nothing reuses them meanwhile);
+        # reader threads only where some image has reading to do (arrays at the network's size are handed on as
+        # they are, and starting threads cost more than that here)
+        workers = 2 if not single and any(self._needs_reading(im) for im in images) else 0
+        dets = list(self._stream(images, batch_size or len(images), exact, workers=workers, window=len(images),
+                                 copy_arrays=False))
         return dets[0] if single else dets
+
+    def _needs_reading(self, image: Any) -> bool:
+        """Whether prepare has work to do for `image` (decode, resize) that a reader thread could overlap: all but
+        an HxWx3 uint8 array already at the network's size."""
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+                and min(image.shape[:2]) >= 1):
+            return True
+        h, w = image.shape[:2]
+        return resized_size(h, w, self.min_size_test, self.max_size_test) != (h, w)
 
     def predict_iter(self, images: Iterable[Any], *, batch_size: int = 1, exact: bool = True, workers: int = 2,
                      window: Optional[int] = None, errors: str = "raise") -> Iterator[Any]:

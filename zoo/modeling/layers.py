@@ -205,14 +205,18 @@ def conv_relu(conv: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]
     shortcut runs without its bias, which that one pass adds (PyTorch would spend a pass of its own on it)."""
     from zoo import ops
 
-    params = _inference_params(conv, x)
+    # the parameters only where a fast path may take them: under CPU autocast they are a cast copy of the weights,
+    # which conv(x) would make again
+    epilogue = _epilogue_on(x)
+    fast = epilogue or (_CUDNN_FUSION.get() and x.is_cuda)
+    params = _inference_params(conv, x) if fast else None
     sc = None if params is None or shortcut is None else _inference_params(shortcut, residual)
     if shortcut is not None and sc is None:
         residual, shortcut = shortcut(residual), None
     if params is not None:
         w, b = params
         fused = _fused(conv, x, w, residual)
-        if fused or _epilogue_on(x):
+        if fused or epilogue:
             shortcut_bias = None
             if shortcut is not None:
                 residual, shortcut_bias = _unbiased(shortcut, residual, sc[0]), sc[1]
@@ -238,8 +242,8 @@ def conv_plus_upsampled(conv: nn.Module, x: torch.Tensor, top: torch.Tensor) -> 
     the upsampled add run as one Triton pass that reads `top` where the upsampled copy would be."""
     from zoo import ops
 
-    params = _inference_params(conv, x)
-    if params is not None and _epilogue_on(x):
+    params = _inference_params(conv, x) if _epilogue_on(x) else None
+    if params is not None:
         w, b = params
         return ops.conv_epilogue(_unbiased(conv, x, w), b, top, relu=False, upsampled=True, backend="triton")
     return conv(x) + F.interpolate(top, scale_factor=2.0, mode="nearest")

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..manifest import Architecture
+from . import overflow
 from .backbone import build_backbone
 from .box_coder import clip_boxes, nonempty
 from .layers import Conv2d, cudnn_fusion, tf32_fc
@@ -258,22 +259,33 @@ class GeneralizedRCNN(nn.Module):
         return self.run(images, image_sizes).instances
 
     @contextlib.contextmanager
-    def _forward_context(self, device: torch.device):
-        """The forward pass's numeric context: autocast for bf16/fp16, TF32 box-head fcs for tf32, and cuDNN fusion
-        when on."""
-        precision = check_precision(self.precision, device)
+    def _forward_context(self, device: torch.device, precision: Optional[str] = None
+                         ) -> Iterator[Optional[list[torch.Tensor]]]:
+        """The forward pass's numeric context: autocast for bf16/fp16, TF32 box-head fcs for tf32, cuDNN fusion
+        when on, and for fp16 the overflow guard, whose notes it yields (None for other precisions).
+        `precision`: run this one instead of the model's (the guard's recompute)."""
+        precision = check_precision(self.precision if precision is None else precision, device)
         dtype = PRECISIONS[precision]
         numeric = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with cudnn_fusion(self.cudnn_fusion), tf32_fc(precision == "tf32"), numeric:
-            yield
+        with cudnn_fusion(self.cudnn_fusion), tf32_fc(precision == "tf32"), numeric, \
+                overflow.overflow_guard(precision in overflow.GUARDED_PRECISIONS) as notes:
+            yield notes
 
-    def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> Trace:
-        """Forward pass that also returns the backbone features and the proposals."""
+    def run(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+            precision: Optional[str] = None) -> Trace:
+        """Forward pass that also returns the backbone features and the proposals. A batch that overflowed fp16
+        is run again at the device's default precision (a warning says so)."""
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
-        with self._forward_context(images.device):
+        with self._forward_context(images.device, precision) as notes:
             features = self.backbone(images.contiguous(memory_format=self._lay_out_convs(images.device)))
             proposals = self.proposal_generator(features, image_sizes)
             instances = self.roi_heads(features, [p.boxes for p in proposals], image_sizes)
+        if notes and not bool(overflow.all_finite(notes)):
+            fallback = resolve_precision(None, images.device)
+            warnings.warn(f"{resolve_precision(self.precision, images.device)} overflowed on a batch (a value "
+                          f"beyond its range became inf or NaN), so zoo ran that batch again in {fallback}; if this "
+                          f"happens often, use precision='bf16' or the default", RuntimeWarning, stacklevel=2)
+            return self.run(images, image_sizes, fallback)
         return Trace(None, features, proposals, instances)  # the batch (with original sizes) is trace()'s
 
     def uses_fast_convs(self, device: torch.device) -> bool:
@@ -322,11 +334,13 @@ class GeneralizedRCNN(nn.Module):
         if not isinstance(image_sizes, torch.Tensor):
             image_sizes = torch.tensor([[int(v) for v in s] for s in image_sizes], dtype=torch.float32,
                                        device=images.device)
-        with self._forward_context(images.device):
+        with self._forward_context(images.device) as notes:
             features = self.backbone(images.contiguous(memory_format=self._lay_out_convs(images.device)))
             proposals = self.proposal_generator(features, image_sizes, static=True)
             instances = self.roi_heads.forward_static(features, proposals.boxes, proposals.counts, image_sizes)
         instances.complete = instances.complete & proposals.complete
+        if notes:  # fp16 overflowed: the dynamic recompute (run) redoes these images at the default precision
+            instances.complete = instances.complete & overflow.all_finite(notes)
         return features, proposals, instances
 
     def compact_static(self, instances: InstanceBatch, sizes: ImageBatch | torch.Tensor) -> InstanceBatch:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..manifest import BoxHeadSpec, MaskHeadSpec
+from . import overflow
 from .layers import conv_relu, fc_matmul
 
 
@@ -56,7 +57,9 @@ class FastRCNNOutputLayers(nn.Module):
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         with fc_matmul(x):  # never inside another call's TF32 window
-            return self.cls_score(x), self.bbox_pred(x)
+            logits, deltas = self.cls_score(x), self.bbox_pred(x)
+        overflow.note(logits, deltas)
+        return logits, deltas
 
 
 class MaskRCNNConvUpsampleHead(nn.Module):
@@ -78,7 +81,9 @@ class MaskRCNNConvUpsampleHead(nn.Module):
         for name in self.conv_names:
             x = conv_relu(getattr(self, name), x)
         x = conv_relu(self.deconv, x)
-        return self.predictor(x)
+        logits = self.predictor(x)
+        overflow.note(logits)
+        return logits
 
 
 def mask_probs(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

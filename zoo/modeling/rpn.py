@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..manifest import RPNSpec
+from . import overflow
 from .anchors import AnchorGenerator
 from .box_coder import Box2BoxTransform, clip_boxes, gather_rows, nonempty
 from .layers import conv_relu
@@ -112,9 +113,10 @@ class RPN(nn.Module):
             anchors_l.append(a[top_idx])  # [N, k, 4]
             level_l.append(torch.full((k,), lvl, dtype=torch.int64, device=lg.device))
         scores = torch.cat(scores_l, dim=1)
+        sel_d = torch.cat(deltas_l, dim=1)
+        overflow.note(scores, sel_d)
         # decoding is elementwise, so decoding just the top-k (of all levels at once) equals Detectron2's
         # decode-all-then-select
-        sel_d = torch.cat(deltas_l, dim=1)
         boxes = self.box2box_transform.apply_deltas(sel_d.reshape(-1, 4), torch.cat(anchors_l, dim=1).reshape(-1, 4))
         levels = torch.cat(level_l, dim=0)
         return scores, boxes.view(sel_d.shape), levels

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -154,14 +155,17 @@ def _pytorch_cuda_convs(monkeypatch) -> None:
         real = getattr(F, name)
 
         def conv(x, w, b=None, *args, _real=real):
-            y = _real(x, w, None, *args)
-            return y if b is None else y.add_(b.view(1, -1, 1, 1))
+            y = _real(x, w, None, *args)  # under autocast: in autocast's dtype, which the bias is cast to first
+            return y if b is None else y.add_(b.to(y.dtype).view(1, -1, 1, 1))
         monkeypatch.setattr(F, name, conv)
 
 
-@pytest.mark.parametrize("name", ["mask_rcnn_R_50_FPN_3x", "faster_rcnn_X_101_32x8d_FPN_3x",
-                                  "faster_rcnn_R_50_DC5_1x", "mask_rcnn_R_50_C4_1x"])
-def test_whole_networks_are_bit_identical_with_the_epilogue(epilogue_launches, monkeypatch, name):
+@pytest.mark.parametrize("name,dtype", [
+    pytest.param(name, dtype, id=f"{name}-{str(dtype or 'fp32').replace('torch.', '')}")
+    for name, dtype in [("mask_rcnn_R_50_FPN_3x", None), ("faster_rcnn_X_101_32x8d_FPN_3x", None),
+                        ("faster_rcnn_R_50_DC5_1x", None), ("mask_rcnn_R_50_C4_1x", None),
+                        ("mask_rcnn_R_50_FPN_3x", torch.bfloat16), ("mask_rcnn_R_50_C4_1x", torch.float16)]])
+def test_whole_networks_are_bit_identical_with_the_epilogue(epilogue_launches, monkeypatch, name, dtype):
     """Every conv_relu and FPN sum of a baseline's backbone, RPN head, C4 res5 head and mask head (stem, strided
     and dilated blocks, grouped convolutions, shortcut biases, upsampled sums, deconvolution) through the Triton
     epilogue equals PyTorch's passes bit for bit, given convolutions that add their bias as PyTorch's CUDA ones do."""
@@ -183,7 +187,9 @@ def test_whole_networks_are_bit_identical_with_the_epilogue(epilogue_launches, m
         first = mask_head.mask_fcn1 if hasattr(mask_head, "mask_fcn1") else mask_head.deconv
         heads.append(("mask", mask_head, pooled(first.in_channels)))
     runs = []
-    with torch.inference_mode():
+    # under autocast (dtype: bf16 or fp16, as precision="bf16"/"fp16" runs) each step rounds to that dtype
+    numeric = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), numeric:
         x = x.contiguous(memory_format=m._lay_out_convs(x.device))
         for backend in ("torch", None):
             with epilogue_backend(backend):
@@ -198,7 +204,7 @@ def test_whole_networks_are_bit_identical_with_the_epilogue(epilogue_launches, m
     assert none == 0 and launched > 10  # the torch run used no kernel; the default one used it throughout
     assert ref.keys() == got.keys()
     for key in ref:
-        assert torch.equal(ref[key], got[key]), key
+        assert ref[key].dtype == (dtype or torch.float32) and torch.equal(ref[key], got[key]), key
 
 
 def test_epilogue_leaves_calls_that_need_gradients_alone(epilogue_launches):

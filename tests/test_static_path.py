@@ -528,6 +528,31 @@ def test_static_path_never_syncs(interpreted_kernels, name, fast_convs):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_overflow_guard_keeps_the_static_path_sync_free(interpreted_kernels, monkeypatch):
+    # fp16's guard (here under bf16, guarded for the test: fp16 runs on CUDA only) folds its finite checks into
+    # `complete` on device; an inf makes the image incomplete without a host round trip
+    from zoo.modeling import overflow
+
+    monkeypatch.setattr(overflow, "GUARDED_PRECISIONS", frozenset({"bf16"}))
+    m = _tiny("mask_rcnn_R_50_FPN_3x")
+    m.precision = "bf16"
+    img = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    completes = []
+    with torch.inference_mode():
+        batch = m.preprocess([img])
+        sizes = m.size_table(batch)
+        for inf in (False, True):
+            handle = m.roi_heads.box_head.register_forward_hook(  # what the box predictor reads
+                lambda mod, args, out: out + float("inf") if inf else None)
+            with interpreted_kernels:
+                _, _, inst = m.run_static(batch.tensor, sizes)
+            handle.remove()
+            completes.append(inst.complete.tolist())
+    assert interpreted_kernels.calls == [], "\n".join(interpreted_kernels.calls)
+    assert completes == [[True], [False]]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_static_path_with_nothing_detected(interpreted_kernels):
     # no class clears the threshold: empty results from the kernels' all-invalid case, as on the dynamic path
     m = _tiny("mask_rcnn_R_50_FPN_3x")

@@ -128,12 +128,17 @@ def test_the_guard_changes_nothing_when_nothing_overflows(model, image, monkeypa
 
 
 def _overflowing_in_fp16(model, image) -> None:
-    """Scale res2's first block so that its conv2 output peaks at 4x fp16's largest value, and its conv3 weights
-    down by as much: the same function in exact arithmetic (relu(k x) = k relu(x)), float32 holds the values easily,
-    fp16 turns them into inf. Real networks overflow fp16 this way, in large intermediate activations."""
+    """Scale res2's first block so that its conv2 output peaks at 4x fp16's largest value (a positive one, which its
+    relu passes on), and its conv3 weights down by as much: the same function in exact arithmetic (relu(k x) =
+    k relu(x)), float32 holds the values easily, fp16 turns them into inf. Real networks overflow fp16 this way, in
+    large intermediate activations."""
     block = model.backbone.bottom_up.res2[0]
     peak = []
-    handle = block.conv2.register_forward_hook(lambda _m, _i, out: peak.append(float(out.abs().max())))
+
+    def measure(_block, args):  # conv2's largest output after its relu (on CUDA conv_relu calls no conv's forward)
+        with torch.no_grad():
+            peak.append(float(block.conv2(torch.relu(block.conv1(args[0]))).max()))
+    handle = block.register_forward_pre_hook(measure)
     model.predict(image)
     handle.remove()
     with torch.no_grad():

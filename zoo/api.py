@@ -77,8 +77,8 @@ def get(
     precision: None (default) is "tf32" on CUDA and "fp32" elsewhere. "fp32" is the exact path; "tf32" (CUDA only)
     runs the box head's fully connected layers on TF32 tensor cores (convolutions follow PyTorch's cuDNN flag,
     TF32 by default, in both), within the same parity with Detectron2; "bf16" (CPU or CUDA) and "fp16" (CUDA only)
-    run the network under torch.autocast. Boxes, scores and masks come back fp32/bool either way. It can be
-    changed later with `model.precision = ...`.
+    run the network under torch.autocast; a batch that overflows fp16 is run again in tf32, with a warning. Boxes,
+    scores and masks come back fp32/bool either way. It can be changed later with `model.precision = ...`.
 
     static_shapes: None (default) uses the fixed-shape, sync-free inference path on CUDA and the dynamic one
     on CPU; True/False forces one (same detections). cuda_graphs=True (CUDA only) replays the fixed-shape
